@@ -1,0 +1,268 @@
+"""The denoiser: network + KV cache + per-slot sampler state, driven one step at a time.
+
+A slot holds one request. The step-level API (prefill, start_canvas, step, commit, release) is what a batcher
+drives: any set of slots may be stepped together whatever step each is at, because every per-row quantity
+(temperature, caps, thresholds, seed, canvas index) lives in per-slot tensors. `generate` is the simple driver
+on top of it, used by the CLI, the benchmark and the tests.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from model import rng
+from model.config import SamplerSettings
+from model.kv_cache import KVCache
+from model.network import Network
+from model.sampler import decide, draw, entropy_and_probs, temperature
+
+
+@dataclass
+class Request:
+    prompt: list[int]
+    max_new_tokens: int
+    settings: SamplerSettings = field(default_factory=SamplerSettings)
+    seed: int = 0
+
+
+@dataclass
+class Generation:
+    tokens: list[int]  # whole canvases, the last one cut after its first EOS
+    finish_reason: str  # "eos" or "length"
+    steps: list[int]  # denoising steps run per canvas
+    cache_length: int = 0  # tokens cached at the end: prompt + C * (canvases - 1), the last canvas is never encoded
+
+
+@dataclass
+class StepResult:
+    done: list[bool]  # per stepped slot: its canvas is ready to commit
+    steps: list[int]  # steps taken so far on each slot's canvas
+    argmax: torch.Tensor  # [B, C] current argmax canvases (drafts)
+
+
+class Denoiser:
+    def __init__(
+        self,
+        network: Network,
+        slots: int,
+        max_context: int,
+        eos_token_ids: tuple[int, ...] = (1,),
+        max_stability: int = 4,
+        max_chunk_tokens: int = 4096,
+    ):
+        self.net = network
+        c = network.config
+        dev = network.device
+        self.config = c
+        self.canvas_length = c.canvas_length
+        self.eos = torch.tensor(eos_token_ids, device=dev)
+        self.eos_ids = set(eos_token_ids)
+        self.max_chunk_tokens = max_chunk_tokens
+        self.cache = KVCache(c, slots, max_context, dev, network.dtype)
+        C = c.canvas_length
+        i64 = dict(dtype=torch.int64, device=dev)
+        f32 = dict(dtype=torch.float32, device=dev)
+        self.canvas = torch.zeros(slots, C, **i64)
+        self.argmax = torch.zeros(slots, C, **i64)
+        self.history = torch.full((slots, max_stability, C), -1, **i64)
+        self.soft = torch.zeros(slots, C, c.hidden_size, **f32)
+        self.has_soft = torch.zeros(slots, dtype=torch.bool, device=dev)
+        self.step_index = torch.zeros(slots, **i64)
+        self.canvas_index = torch.zeros(slots, **i64)
+        self.seed = torch.zeros(slots, **i64)
+        self.cap = torch.ones(slots, **i64)
+        self.stability = torch.zeros(slots, **i64)
+        self.t_min = torch.zeros(slots, **f32)
+        self.t_max = torch.ones(slots, **f32)
+        self.bound = torch.zeros(slots, **f32)
+        self.confidence = torch.zeros(slots, **f32)
+        self._buffers: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    # ---------------------------------------------------------------- step-level API
+
+    def admit(self, slot: int, settings: SamplerSettings, seed: int) -> None:
+        """Claim a free slot for a new request (its prompt goes in with `prefill`)."""
+        if settings.stability_threshold > self.history.shape[1]:
+            raise ValueError(
+                f"stability_threshold {settings.stability_threshold} exceeds this denoiser's {self.history.shape[1]}"
+            )
+        self.cache.reset(torch.tensor([slot]))
+        self.seed[slot] = seed
+        self.canvas_index[slot] = 0
+        self.cap[slot] = settings.max_denoising_steps
+        self.stability[slot] = settings.stability_threshold
+        self.t_min[slot] = settings.t_min
+        self.t_max[slot] = settings.t_max
+        self.bound[slot] = settings.entropy_bound
+        conf = settings.confidence_threshold
+        self.confidence[slot] = -math.inf if conf is None else conf
+
+    def prefill(self, slots: list[int], prompts: list[list[int]]) -> None:
+        n = max(len(p) for p in prompts)
+        if min(len(p) for p in prompts) == 0:
+            raise ValueError("a prompt must hold at least one token")
+        ids = torch.full((len(prompts), n), self.config.pad_token_id, dtype=torch.int64)
+        for i, p in enumerate(prompts):
+            ids[i, : len(p)] = torch.tensor(p)
+        count = torch.tensor([len(p) for p in prompts])
+        dev = self.net.device
+        self.net.prefill(self.cache, torch.tensor(slots, device=dev), ids.to(dev), count.to(dev))
+
+    def start_canvas(self, slots: list[int]) -> None:
+        """A fresh uniform-random canvas, step 0, empty stability history, no self-conditioning."""
+        idx = torch.tensor(slots, device=self.net.device)
+        zero = torch.zeros_like(idx)
+        self.canvas[idx] = rng.random_ids(
+            self.seed[idx], self.canvas_index[idx], zero, rng.INIT, self.canvas_length, self.config.vocab_size
+        )
+        self.step_index[idx] = 0
+        self.history[idx] = -1
+        self.soft[idx] = 0.0
+        self.has_soft[idx] = False
+
+    def step(self, slots: list[int]) -> StepResult:
+        """One denoising step for each slot: a denoise forward, then the sampler."""
+        idx = torch.tensor(slots, device=self.net.device)
+        soft = self.soft[idx] if bool(self.has_soft[idx].any()) else None
+        hidden = self.net.denoise(self.cache, idx, self.canvas[idx], soft)
+        step = self.step_index[idx]
+        temp = temperature(step, self.cap[idx], self.t_min[idx], self.t_max[idx])
+        entropy, sample, argmax, soft_new = self._vocab_pass(hidden, temp, idx, step)
+        history = self.history[idx]
+        d = decide(
+            entropy,
+            sample,
+            argmax,
+            history,
+            step=step,
+            cap=self.cap[idx],
+            bound=self.bound[idx],
+            stability=self.stability[idx],
+            confidence=self.confidence[idx],
+            seed=self.seed[idx],
+            canvas_index=self.canvas_index[idx],
+            vocab_size=self.config.vocab_size,
+        )
+        self.canvas[idx] = d.canvas
+        self.argmax[idx] = d.argmax
+        self.history[idx] = history
+        self.soft[idx] = soft_new
+        self.has_soft[idx] = True
+        self.step_index[idx] = step + 1
+        return StepResult(d.done.tolist(), (step + 1).tolist(), d.argmax)
+
+    def commit(self, slots: list[int]) -> None:
+        """Encode the slots' argmax canvases into the cache; the next canvas starts after them."""
+        idx = torch.tensor(slots, device=self.net.device)
+        self.net.commit(self.cache, idx, self.argmax[idx])
+        self.canvas_index[idx] += 1
+
+    def release(self, slots: list[int]) -> None:
+        self.cache.reset(torch.tensor(slots, device=self.net.device))
+
+    # ---------------------------------------------------------------- the vocabulary pass
+
+    def _vocab_pass(self, hidden: torch.Tensor, temp: torch.Tensor, idx: torch.Tensor, step: torch.Tensor):
+        """LM head, softcap, temperature, entropy, argmax, soft embedding and sample, tiled over tokens so that
+        at most two [tile, V] fp32 buffers (together one [rows, canvas, V]) exist at any time."""
+        c = self.config
+        b, C, h = hidden.shape
+        n_tok = b * C
+        vocab = c.vocab_size
+        embed = self.net.w.embed
+        cap = c.final_logit_softcapping
+        tile = max(1, min(self.max_chunk_tokens, math.ceil(n_tok / 2)))
+        logit_buf, prob_buf = self._scratch(tile, vocab)
+        flat = hidden.reshape(n_tok, h)
+        # 30*tanh(x/30)/T == (60/T)*sigmoid(x/15) - 30/T, and the constant drops out once the max is subtracted.
+        scale = (2 * cap / temp).repeat_interleave(C)
+        uniform = rng.random_uniform(self.seed[idx], self.canvas_index[idx], step, rng.DRAW, C).reshape(n_tok)
+        entropy = torch.empty(n_tok, device=hidden.device)
+        sample = torch.empty(n_tok, dtype=torch.int64, device=hidden.device)
+        argmax = torch.empty(n_tok, dtype=torch.int64, device=hidden.device)
+        soft = torch.empty(n_tok, h, device=hidden.device)
+        low = self.net.dtype != torch.float32
+        for s in range(0, n_tok, tile):
+            e = min(n_tok, s + tile)
+            n = e - s
+            logits, probs = logit_buf[:n], prob_buf[:n]
+            x = (flat[s:e] * (2 / cap)).to(self.net.dtype)
+            if low:  # the low-precision product lands in the (still free) probability buffer's bytes
+                raw = prob_buf.view(-1).view(self.net.dtype)[: n * vocab].view(n, vocab)
+                torch.mm(x, embed.T, out=raw)
+                logits.copy_(raw)
+            else:
+                torch.mm(x, embed.T, out=logits)
+            logits.sigmoid_()
+            top, argmax[s:e] = logits.max(-1)
+            logits.sub_(top[:, None]).mul_(scale[s:e, None])
+            entropy[s:e] = entropy_and_probs(logits, probs)
+            if low:
+                p_low = logit_buf.view(-1).view(self.net.dtype)[: n * vocab].view(n, vocab)
+                p_low.copy_(probs)
+                soft[s:e] = (p_low @ embed).float()
+            else:
+                torch.mm(probs, embed, out=soft[s:e])
+            sample[s:e] = draw(probs, uniform[s:e], logits)
+        soft.mul_(self.net.embed_scale)
+        return entropy.view(b, C), sample.view(b, C), argmax.view(b, C), soft.view(b, C, h)
+
+    def _scratch(self, tile: int, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._buffers is None or self._buffers[0].shape[0] < tile:
+            self._buffers = None  # free the old pair before allocating the new one
+            dev = self.net.device
+            self._buffers = (torch.empty(tile, vocab, device=dev), torch.empty(tile, vocab, device=dev))
+        return self._buffers
+
+    # ---------------------------------------------------------------- the simple driver
+
+    def generate(self, requests: list[Request]) -> list[Generation]:
+        """Run requests to completion together; each leaves the batch when its own canvas is done."""
+        if len(requests) > self.cache.slots:
+            raise ValueError(f"{len(requests)} requests but only {self.cache.slots} slots")
+        C = self.canvas_length
+        for r in requests:
+            if r.max_new_tokens < 1:
+                raise ValueError(f"max_new_tokens must be >= 1, got {r.max_new_tokens}")
+            need = len(r.prompt) + C * (math.ceil(r.max_new_tokens / C) - 1)
+            if need > self.cache.max_context:
+                raise ValueError(
+                    f"prompt plus output needs {need} cached tokens; the cache holds {self.cache.max_context}"
+                )
+        slots = list(range(len(requests)))
+        for s, r in zip(slots, requests):
+            self.admit(s, r.settings, r.seed)
+        self.prefill(slots, [r.prompt for r in requests])
+        self.start_canvas(slots)
+        out = [Generation([], "length", []) for _ in requests]
+        canvases_left = [math.ceil(r.max_new_tokens / C) for r in requests]
+        active = list(slots)
+        while active:
+            result = self.step(active)
+            to_commit, finished = [], []
+            for row, (s, done) in enumerate(zip(active, result.done)):
+                if not done:
+                    continue
+                g = out[s]
+                g.steps.append(result.steps[row])
+                canvas = result.argmax[row].tolist()
+                eos_at = next((i for i, t in enumerate(canvas) if t in self.eos_ids), None)
+                canvases_left[s] -= 1
+                if eos_at is not None:
+                    g.tokens += canvas[: eos_at + 1]
+                    g.finish_reason = "eos"
+                    finished.append(s)
+                else:
+                    g.tokens += canvas
+                    (finished if canvases_left[s] == 0 else to_commit).append(s)
+            if to_commit:
+                self.commit(to_commit)
+                self.start_canvas(to_commit)
+            for s in finished:
+                out[s].cache_length = int(self.cache.lengths[s])
+            active = [s for s in active if s not in finished]
+        self.release(slots)
+        return out

@@ -1,0 +1,70 @@
+"""Generate text with our denoiser from a checkpoint folder or hub id.
+
+    python -m model.generate --model PATH_OR_HUB_ID --prompt "..." [--max-new-tokens N --steps N --seed S]
+
+The prompt goes through the tokenizer's chat template when the checkpoint has one (use --raw to skip it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from model.config import SamplerSettings
+from model.denoiser import Denoiser, Request
+from model.weights import CheckpointError, load_network
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True, help="checkpoint folder or Hugging Face hub id")
+    ap.add_argument("--prompt", required=True)
+    ap.add_argument("--max-new-tokens", type=positive, help="default: the checkpoint's generation config")
+    ap.add_argument("--steps", type=positive, help="max denoising steps per canvas (default: generation config)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--raw", action="store_true", help="do not apply the chat template")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    args = ap.parse_args(argv)
+
+    from transformers import AutoTokenizer
+
+    try:
+        net, ckpt = load_network(args.model, device=args.device, dtype=DTYPES[args.dtype])
+        tokenizer = AutoTokenizer.from_pretrained(ckpt.path)
+    except (CheckpointError, OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if not args.raw and tokenizer.chat_template:
+        ids = tokenizer.apply_chat_template(
+            [{"role": "user", "content": args.prompt}], add_generation_prompt=True, tokenize=True
+        )
+        ids = list(ids["input_ids"] if isinstance(ids, dict) else ids)
+    else:
+        ids = tokenizer(args.prompt)["input_ids"]
+    gen = ckpt.generation
+    settings = gen.sampler
+    if args.steps:
+        settings = SamplerSettings(**{**settings.__dict__, "max_denoising_steps": args.steps})
+    max_new = args.max_new_tokens or gen.max_new_tokens
+    canvas = ckpt.config.canvas_length
+    context = len(ids) + canvas * ((max_new + canvas - 1) // canvas)
+    denoiser = Denoiser(net, slots=1, max_context=context, eos_token_ids=gen.eos_token_ids)
+    out = denoiser.generate([Request(ids, max_new, settings, seed=args.seed)])[0]
+    print(tokenizer.decode(out.tokens, skip_special_tokens=True))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,147 @@
+"""Model shapes for benchmarks and tests, as transformers `DiffusionGemmaConfig` keyword dicts.
+
+- tiny: a few hundred thousand parameters, for unit tests;
+- mid: hidden 512, 4 layers, 8 experts top-2, vocab 32768, canvas 256 (shared/reference/this-machine.md 3);
+- full: the released 26B-A4B text shape (needs a GPU).
+The vision tower cannot be left out of a transformers model, so each preset carries a tiny one.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+TINY_VISION = dict(
+    model_type="gemma4_vision",
+    hidden_size=16,
+    intermediate_size=32,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+    num_key_value_heads=2,
+    head_dim=8,
+    patch_size=4,
+    pooling_kernel_size=2,
+)
+
+
+def _model(text: dict, canvas: int) -> dict:
+    v = text["vocab_size"]
+    return dict(
+        text_config=text,
+        vision_config=dict(TINY_VISION),
+        canvas_length=canvas,
+        image_token_id=v - 1,
+        boi_token_id=v - 3,
+        eoi_token_id=v - 2,
+    )
+
+
+PRESETS: dict[str, dict] = {
+    "tiny": _model(
+        dict(
+            vocab_size=128,
+            hidden_size=32,
+            intermediate_size=48,
+            moe_intermediate_size=16,
+            num_hidden_layers=2,
+            layer_types=["sliding_attention", "full_attention"],
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=8,
+            global_head_dim=16,
+            num_global_key_value_heads=1,
+            num_experts=4,
+            top_k_experts=2,
+            sliding_window=8,
+            max_position_embeddings=1024,
+            pad_token_id=0,
+            eos_token_id=1,
+            bos_token_id=2,
+        ),
+        canvas=8,
+    ),
+    "mid": _model(
+        dict(
+            vocab_size=32768,
+            hidden_size=512,
+            intermediate_size=2048,
+            moe_intermediate_size=256,
+            num_hidden_layers=4,
+            layer_types=["sliding_attention"] * 3 + ["full_attention"],
+            num_attention_heads=8,
+            num_key_value_heads=2,
+            head_dim=64,
+            global_head_dim=128,
+            num_global_key_value_heads=1,
+            num_experts=8,
+            top_k_experts=2,
+            sliding_window=512,
+            max_position_embeddings=8192,
+            pad_token_id=0,
+            eos_token_id=1,
+            bos_token_id=2,
+        ),
+        canvas=256,
+    ),
+    "full": dict(
+        _model(
+            dict(
+                vocab_size=262144,
+                hidden_size=2816,
+                intermediate_size=2112,
+                moe_intermediate_size=704,
+                num_hidden_layers=30,
+                layer_types=(["sliding_attention"] * 5 + ["full_attention"]) * 5,
+                num_attention_heads=16,
+                num_key_value_heads=8,
+                head_dim=256,
+                global_head_dim=512,
+                num_global_key_value_heads=2,
+                num_experts=128,
+                top_k_experts=8,
+                sliding_window=1024,
+                max_position_embeddings=262144,
+                pad_token_id=0,
+                eos_token_id=1,
+                bos_token_id=2,
+            ),
+            canvas=256,
+        ),
+        image_token_id=258880,
+        boi_token_id=255999,
+        eoi_token_id=258882,
+    ),
+}
+
+
+def preset(name: str, **text_overrides) -> dict:
+    cfg = copy.deepcopy(PRESETS[name])
+    cfg["text_config"].update(text_overrides)
+    return cfg
+
+
+def random_hf_model(config: dict, seed: int = 0, dtype: torch.dtype = torch.float32):
+    """A transformers DiffusionGemmaForBlockDiffusion with random weights whose logits are not near-constant.
+
+    Norm weights, router scales and layer scalars are perturbed away from their all-ones init, so a
+    re-implementation that ignores any of them fails parity.
+    """
+    from transformers import DiffusionGemmaConfig, DiffusionGemmaForBlockDiffusion
+
+    torch.manual_seed(seed)
+    cfg = DiffusionGemmaConfig(**config)
+    cfg.text_config.initializer_range = 0.2 if cfg.text_config.hidden_size <= 64 else 0.02
+    model = DiffusionGemmaForBlockDiffusion(cfg)
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        scalars = {}
+        for name, t in model.named_parameters():
+            if name.endswith(("norm.weight", "router.scale", "per_expert_scale")) or "layernorm" in name:
+                t.mul_(1 + 0.2 * torch.randn(t.shape, generator=gen))
+        for name, buf in model.named_buffers():
+            if name.endswith("layer_scalar"):
+                idx = name.split(".layers.")[1].split(".")[0]
+                scalars.setdefault(idx, 1 + 0.1 * torch.randn(1, generator=gen))
+                buf.copy_(scalars[idx])  # encoder and decoder copies must agree
+    return model.to(dtype).eval()

@@ -1,0 +1,324 @@
+"""Load a Hugging Face-format DiffusionGemma checkpoint into our network.
+
+Tensors are read one at a time with safetensors, straight onto the target device, and each layer is folded
+(norm scales into the linear layer that follows, QKV and dense-MLP+router concatenated) in fp32 before the
+cast to the target dtype. Every text tensor the config implies must be present with its exact shape; anything
+else that is not the vision tower is an error, never a silently random weight.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from tqdm.auto import tqdm
+
+from model.config import GenerationDefaults, TextConfig
+from model.network import LayerWeights, Network, NetworkWeights, compute_dtype
+
+log = logging.getLogger(__name__)
+
+DEC = "model.decoder."
+ENC = "model.encoder.language_model."
+VISION_PREFIXES = ("model.encoder.vision_tower.", "model.encoder.embed_vision.")
+PROGRESS_BYTES = 1 << 30  # show a progress bar for checkpoints above 1 GiB
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    config: TextConfig
+    generation: GenerationDefaults
+    raw_config: dict
+
+
+def expected_shapes(c: TextConfig) -> dict[str, tuple[int, ...]]:
+    """Every text tensor a checkpoint must hold, by its transformers name."""
+    h, inter = c.hidden_size, c.intermediate_size
+    shapes: dict[str, tuple[int, ...]] = {
+        DEC + "embed_tokens.weight": (c.vocab_size, h),
+        DEC + "norm.weight": (h,),
+        DEC + "self_conditioning.pre_norm.weight": (h,),
+        DEC + "self_conditioning.gate_proj.weight": (inter, h),
+        DEC + "self_conditioning.up_proj.weight": (inter, h),
+        DEC + "self_conditioning.down_proj.weight": (h, inter),
+    }
+    for i in range(c.num_layers):
+        p = f"{DEC}layers.{i}."
+        hd, kvh, heads = c.head_dims[i], c.kv_heads[i], c.num_attention_heads
+        shapes.update(
+            {
+                p + "self_attn.q_proj.weight": (heads * hd, h),
+                p + "self_attn.k_proj.weight": (kvh * hd, h),
+                p + "self_attn.o_proj.weight": (h, heads * hd),
+                p + "self_attn.q_norm.weight": (hd,),
+                p + "self_attn.k_norm.weight": (hd,),
+                p + "mlp.gate_proj.weight": (inter, h),
+                p + "mlp.up_proj.weight": (inter, h),
+                p + "mlp.down_proj.weight": (h, inter),
+                p + "router.proj.weight": (c.num_experts, h),
+                p + "router.scale": (h,),
+                p + "router.per_expert_scale": (c.num_experts,),
+                p + "experts.gate_up_proj": (c.num_experts, 2 * c.moe_intermediate_size, h),
+                p + "experts.down_proj": (c.num_experts, h, c.moe_intermediate_size),
+                p + "layer_scalar": (1,),
+                f"{ENC}layers.{i}.layer_scalar": (1,),
+            }
+        )
+        for norm in (
+            "input_layernorm",
+            "post_attention_layernorm",
+            "pre_feedforward_layernorm",
+            "post_feedforward_layernorm",
+            "pre_feedforward_layernorm_2",
+            "post_feedforward_layernorm_1",
+            "post_feedforward_layernorm_2",
+        ):
+            shapes[p + norm + ".weight"] = (h,)
+        if c.is_sliding(i):
+            shapes[p + "self_attn.v_proj.weight"] = (kvh * hd, h)
+    return shapes
+
+
+def _tied_duplicate(name: str) -> bool:
+    """Tensors some exporters store twice although they are tied to a decoder tensor."""
+    if name == "lm_head.weight" or name.startswith("model.encoder.language_model.embed_tokens."):
+        return True
+    return name.startswith(ENC) and not name.endswith("layer_scalar")
+
+
+def build_weights(
+    c: TextConfig,
+    get: Callable[[str], torch.Tensor],
+    names: set[str],
+    shape_of: Callable[[str], tuple[int, ...]],
+    device: torch.device | str,
+    dtype: torch.dtype,
+    progress: bool = False,
+    compute_mode: str = "auto",
+) -> NetworkWeights:
+    """Check names and shapes, then fold and cast tensors fetched one by one with `get`."""
+    want = expected_shapes(c)
+    missing = sorted(set(want) - names)
+    vision = [n for n in names if n.startswith(VISION_PREFIXES)]
+    unexpected = sorted(n for n in names - set(want) if not n.startswith(VISION_PREFIXES) and not _tied_duplicate(n))
+    if missing or unexpected:
+        raise CheckpointError(
+            "checkpoint does not match its config: "
+            + (f"missing {len(missing)} tensors {missing[:8]}" if missing else "")
+            + ("; " if missing and unexpected else "")
+            + (f"unexpected {len(unexpected)} tensors {unexpected[:8]}" if unexpected else "")
+        )
+    wrong = [f"{n}: {tuple(shape_of(n))} != {want[n]}" for n in sorted(want) if tuple(shape_of(n)) != want[n]]
+    if wrong:
+        raise CheckpointError(f"tensors with wrong shapes: {wrong[:8]}")
+    if vision:
+        log.info("skipping %d vision-tower tensors (text-only serving)", len(vision))
+
+    bar = tqdm(total=len(want), desc="loading weights", unit="tensor", disable=not progress)
+
+    def f32(name: str) -> torch.Tensor:
+        bar.update(1)
+        return get(name).to(device=device, dtype=torch.float32)
+
+    compute = compute_dtype(device, dtype, compute_mode)
+
+    def cast(t: torch.Tensor) -> torch.Tensor:
+        return t.to(dtype).to(compute).contiguous()
+
+    h = c.hidden_size
+    layers = []
+    for i in range(c.num_layers):
+        p = f"{DEC}layers.{i}."
+        dec_scalar, enc_scalar = f32(p + "layer_scalar"), f32(f"{ENC}layers.{i}.layer_scalar")
+        if not torch.equal(dec_scalar, enc_scalar):
+            raise CheckpointError(
+                f"layer {i}: encoder layer_scalar {enc_scalar.item()} != decoder layer_scalar {dec_scalar.item()}; "
+                "one network cannot serve both"
+            )
+        in_norm = f32(p + "input_layernorm.weight")
+        qkv = [f32(p + "self_attn.q_proj.weight"), f32(p + "self_attn.k_proj.weight")]
+        if c.is_sliding(i):
+            qkv.append(f32(p + "self_attn.v_proj.weight"))
+        pre_ff = f32(p + "pre_feedforward_layernorm.weight")
+        router = f32(p + "router.proj.weight") * (f32(p + "router.scale") * h**-0.5)
+        ffn_in = torch.cat([f32(p + "mlp.gate_proj.weight") * pre_ff, f32(p + "mlp.up_proj.weight") * pre_ff, router])
+        pre_ff2 = f32(p + "pre_feedforward_layernorm_2.weight")
+        layers.append(
+            LayerWeights(
+                qkv=cast(torch.cat(qkv) * in_norm),
+                q_norm=f32(p + "self_attn.q_norm.weight"),
+                k_norm=f32(p + "self_attn.k_norm.weight"),
+                o=cast(f32(p + "self_attn.o_proj.weight")),
+                post_attn_norm=f32(p + "post_attention_layernorm.weight"),
+                ffn_in=cast(ffn_in),
+                down=cast(f32(p + "mlp.down_proj.weight")),
+                post_ff1=f32(p + "post_feedforward_layernorm_1.weight"),
+                post_ff2=f32(p + "post_feedforward_layernorm_2.weight"),
+                post_ff=f32(p + "post_feedforward_layernorm.weight"),
+                expert_gate_up=cast(f32(p + "experts.gate_up_proj") * pre_ff2),
+                expert_down=cast(f32(p + "experts.down_proj")),
+                per_expert_scale=f32(p + "router.per_expert_scale"),
+                layer_scalar=float(dec_scalar),
+            )
+        )
+    sc = DEC + "self_conditioning."
+    sc_gate_up = torch.cat([f32(sc + "gate_proj.weight"), f32(sc + "up_proj.weight")])
+    weights = NetworkWeights(
+        embed=cast(f32(DEC + "embed_tokens.weight")),
+        layers=layers,
+        final_norm=f32(DEC + "norm.weight"),
+        sc_gate_up=cast(sc_gate_up * f32(sc + "pre_norm.weight")),
+        sc_down=cast(f32(sc + "down_proj.weight")),
+    )
+    bar.close()
+    return weights
+
+
+def from_state_dict(
+    c: TextConfig,
+    state: dict[str, torch.Tensor],
+    device: torch.device | str = "cpu",
+    dtype=torch.float32,
+    compute_mode: str = "auto",
+) -> Network:
+    """Build our network from a transformers state dict (used to share one set of random weights in benchmarks)."""
+    weights = build_weights(
+        c, state.__getitem__, set(state), lambda n: state[n].shape, device, dtype, compute_mode=compute_mode
+    )
+    return Network(c, weights, weight_dtype=dtype)
+
+
+def resolve(path_or_id: str) -> Path:
+    """A local checkpoint folder, or a hub id fetched with huggingface_hub (config, weights, tokenizer)."""
+    local = Path(path_or_id).expanduser()
+    if local.is_dir():
+        return local
+    if local.exists() or path_or_id.startswith((".", "/", "~")):
+        raise CheckpointError(f"{path_or_id!r} is not a checkpoint folder")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(
+            snapshot_download(
+                path_or_id,
+                allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model", "*.jinja"],
+            )
+        )
+    except Exception as e:  # offline, unknown repo, gated repo: all end here
+        raise CheckpointError(
+            f"cannot fetch {path_or_id!r} from the Hugging Face hub ({type(e).__name__}: {e}); "
+            "pass a local checkpoint folder instead"
+        ) from e
+
+
+def read_checkpoint(path_or_id: str) -> Checkpoint:
+    path = resolve(path_or_id)
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise CheckpointError(f"{path} has no config.json")
+    raw = json.loads(cfg_file.read_text())
+    config = TextConfig.from_hf(raw)
+    gen_file = path / "generation_config.json"
+    gen = json.loads(gen_file.read_text()) if gen_file.is_file() else {}
+    return Checkpoint(path, config, GenerationDefaults.from_hf(gen, config), raw)
+
+
+def _tensor_files(path: Path) -> dict[str, Path]:
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return {name: path / f for name, f in weight_map.items()}
+    single = path / "model.safetensors"
+    if not single.is_file():
+        raise CheckpointError(f"{path} has neither model.safetensors nor model.safetensors.index.json")
+    with safe_open(single, framework="pt") as f:
+        return {name: single for name in f.keys()}
+
+
+def load_network(
+    path_or_id: str,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    compute_mode: str = "auto",
+) -> tuple[Network, Checkpoint]:
+    ckpt = read_checkpoint(path_or_id)
+    files = _tensor_files(ckpt.path)
+    handles: dict[Path, object] = {}
+    device_str = str(device)
+
+    def handle(name: str):
+        f = files[name]
+        if f not in handles:
+            handles[f] = safe_open(f, framework="pt", device=device_str)
+        return handles[f]
+
+    total = sum(os.path.getsize(f) for f in set(files.values()))
+    weights = build_weights(
+        ckpt.config,
+        lambda n: handle(n).get_tensor(n),
+        set(files),
+        lambda n: tuple(handle(n).get_slice(n).get_shape()),
+        device,
+        dtype,
+        progress=total > PROGRESS_BYTES,
+        compute_mode=compute_mode,
+    )
+    handles.clear()
+    return Network(ckpt.config, weights, weight_dtype=dtype), ckpt
+
+
+def random_network(
+    c: TextConfig, device: torch.device | str = "cpu", dtype=torch.float32, seed: int = 0, compute_mode: str = "auto"
+) -> Network:
+    """Random weights created directly on the device in the target dtype (for benchmarks of large shapes)."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    compute = compute_dtype(device, dtype, compute_mode)
+
+    def normal(*shape: int) -> torch.Tensor:
+        return (torch.randn(shape, generator=gen, device=device, dtype=dtype) * 0.02).to(compute).contiguous()
+
+    def ones(n: int) -> torch.Tensor:
+        return torch.ones(n, device=device)
+
+    h, inter, m, e = c.hidden_size, c.intermediate_size, c.moe_intermediate_size, c.num_experts
+    layers = []
+    for i in range(c.num_layers):
+        hd, kvh, heads = c.head_dims[i], c.kv_heads[i], c.num_attention_heads
+        kv_out = kvh * hd * (2 if c.is_sliding(i) else 1)
+        layers.append(
+            LayerWeights(
+                qkv=normal(heads * hd + kv_out, h),
+                q_norm=ones(hd),
+                k_norm=ones(hd),
+                o=normal(h, heads * hd),
+                post_attn_norm=ones(h),
+                ffn_in=normal(2 * inter + e, h),
+                down=normal(h, inter),
+                post_ff1=ones(h),
+                post_ff2=ones(h),
+                post_ff=ones(h),
+                expert_gate_up=normal(e, 2 * m, h),
+                expert_down=normal(e, h, m),
+                per_expert_scale=ones(e),
+                layer_scalar=1.0,
+            )
+        )
+    weights = NetworkWeights(
+        embed=normal(c.vocab_size, h),
+        layers=layers,
+        final_norm=ones(h),
+        sc_gate_up=normal(2 * inter, h),
+        sc_down=normal(h, inter),
+    )
+    return Network(c, weights, weight_dtype=dtype)

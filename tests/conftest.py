@@ -1,0 +1,100 @@
+"""Tiny random DiffusionGemma checkpoints built with transformers and saved with save_pretrained.
+
+- window: sliding window 8 is shorter than the contexts the tests reach, canvas 8, several canvases;
+- wide_global: global_head_dim 32 != head_dim 8, 2 global KV heads, written in the `global_head_dim` config form;
+- bf16: the tiny shape saved in bfloat16.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import DiffusionGemmaForBlockDiffusion
+
+from model.presets import preset, random_hf_model
+
+
+@dataclass
+class Built:
+    path: Path
+    hf: DiffusionGemmaForBlockDiffusion
+    dtype: torch.dtype
+
+
+def write_tokenizer(path: Path, vocab_size: int) -> None:
+    """A word-level tokenizer whose ids fill the model's vocabulary: pad 0, eos 1, bos 2, unk 3."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<eos>", "<bos>", "<unk>"]
+    words = [f"w{i}" for i in range(vocab_size - len(specials))]
+    vocab = {t: i for i, t in enumerate(specials + words)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 2)])
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>"
+    )
+    fast.save_pretrained(path)
+
+
+def build(path: Path, config: dict, seed: int, dtype: torch.dtype, global_form: bool = False) -> Built:
+    from transformers import DiffusionGemmaGenerationConfig
+    from transformers.models.diffusion_gemma.generation_diffusion_gemma import EntropyBoundSamplerConfig
+
+    hf = random_hf_model(config, seed=seed, dtype=dtype)
+    hf.generation_config = DiffusionGemmaGenerationConfig(
+        eos_token_id=[1],
+        pad_token_id=0,
+        max_denoising_steps=6,
+        sampler_config=EntropyBoundSamplerConfig(entropy_bound=0.1),
+        t_min=0.4,
+        t_max=0.8,
+        stability_threshold=1,
+        confidence_threshold=0.005,
+        max_new_tokens=16,
+    )
+    hf.save_pretrained(path)
+    if global_form:  # rewrite the full-layer head sizes the way the released config.json spells them
+        cfg_file = path / "config.json"
+        raw = json.loads(cfg_file.read_text())
+        text = raw["text_config"]
+        text.pop("per_layer_config")
+        text["global_head_dim"] = config["text_config"]["global_head_dim"]
+        text["num_global_key_value_heads"] = config["text_config"]["num_global_key_value_heads"]
+        cfg_file.write_text(json.dumps(raw, indent=2))
+    write_tokenizer(path, config["text_config"]["vocab_size"])
+    return Built(path, hf, dtype)
+
+
+WIDE_GLOBAL = preset(
+    "tiny",
+    num_hidden_layers=4,
+    layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
+    num_key_value_heads=4,
+    global_head_dim=32,
+    num_global_key_value_heads=2,
+    num_experts=8,
+    top_k_experts=3,
+    sliding_window=16,
+)
+WIDE_GLOBAL["canvas_length"] = 16
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory) -> dict[str, Built]:
+    root = tmp_path_factory.mktemp("checkpoints")
+    return {
+        "window": build(root / "window", preset("tiny"), seed=11, dtype=torch.float32),
+        "wide_global": build(root / "wide_global", WIDE_GLOBAL, seed=12, dtype=torch.float32, global_form=True),
+        "bf16": build(root / "bf16", preset("tiny"), seed=13, dtype=torch.bfloat16),
+    }
+
+
+@pytest.fixture(scope="session")
+def window(checkpoints) -> Built:
+    return checkpoints["window"]
