@@ -14,9 +14,15 @@ import torch
 
 from model.config import SamplerSettings
 from model.denoiser import Denoiser, Request
-from model.weights import CheckpointError, load_network
+from model.weights import CheckpointError, load_network, read_checkpoint
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def checkpoint_dtype(config: dict) -> torch.dtype:
+    """The dtype the checkpoint was saved in (`dtype`, or `torch_dtype` in older configs); float32 if unsaid."""
+    name = config.get("dtype") or config.get("torch_dtype") or "float32"
+    return DTYPES.get(name, torch.float32)
 
 
 def positive(text: str) -> int:
@@ -35,13 +41,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--raw", action="store_true", help="do not apply the chat template")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    ap.add_argument(
+        "--dtype", choices=["auto", *sorted(DTYPES)], default="auto", help="auto: the checkpoint's own dtype"
+    )
     args = ap.parse_args(argv)
 
     from transformers import AutoTokenizer
 
     try:
-        net, ckpt = load_network(args.model, device=args.device, dtype=DTYPES[args.dtype])
+        dtype = DTYPES[args.dtype] if args.dtype != "auto" else checkpoint_dtype(read_checkpoint(args.model).raw_config)
+        net, ckpt = load_network(args.model, device=args.device, dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(ckpt.path)
     except (CheckpointError, OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -133,8 +133,8 @@ class Network:
                 self.inv_freq[kind] = inverse_frequencies(
                     hd, spec.theta, spec.partial_rotary_factor, spec.proportional
                 ).to(self.device)
-        if use_grouped_mm is None:
-            use_grouped_mm = self.device.type == "cuda"
+        if use_grouped_mm is None:  # one grouped GEMM for all experts where torch has a fast kernel for it
+            use_grouped_mm = self.device.type == "cuda" and self.dtype == torch.bfloat16
         self.use_grouped_mm = use_grouped_mm
 
     # ---------------------------------------------------------------- the three forward kinds
