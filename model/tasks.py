@@ -1,0 +1,146 @@
+"""The embedded model's training and evaluation data, generated here (no downloads).
+
+Two kinds of checkable tasks, plus plain English from the `pydoc_data` topics that ship with Python:
+
+1. single answer, checked by exact match: reverse letters, sort digits, add two numbers, shift letters;
+2. many answers, checked by a validity function: pick k distinct letters from a set, k digits that sum to a
+   target, complete a 3x3 Latin square. Here the answer's positions depend on each other: committing every
+   position at once mixes different solutions, and more denoising steps let the canvas settle on one.
+
+Items are written space-separated so that every letter and digit is one token.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+
+LETTERS = "abcdefghijklmnopqrstuvwxyz"
+SINGLE = ("reverse", "sort", "add", "shift")
+MANY = ("pick", "sum", "latin")
+LATIN_SQUARES = [
+    sq
+    for rows in itertools.permutations(itertools.permutations("123"), 3)
+    if all(len(set(col)) == 3 for col in zip(*rows))
+    for sq in ["".join("".join(r) for r in rows)]
+]
+
+
+@dataclass(frozen=True)
+class Example:
+    task: str
+    prompt: str
+    answer: str  # one right answer (for many-answer tasks: one of several)
+
+
+def spaced(items) -> str:
+    return " ".join(items)
+
+
+def make(task: str, rnd: random.Random) -> Example:
+    if task == "reverse":
+        w = rnd.choices(LETTERS, k=rnd.randint(3, 7))
+        return Example(task, f"reverse: {spaced(w)}", spaced(reversed(w)))
+    if task == "sort":
+        d = rnd.choices("0123456789", k=rnd.randint(4, 7))
+        return Example(task, f"sort: {spaced(d)}", spaced(sorted(d)))
+    if task == "add":
+        a, b = rnd.randint(10, 999), rnd.randint(10, 999)
+        return Example(task, f"add: {spaced(str(a))} + {spaced(str(b))}", spaced(str(a + b)))
+    if task == "shift":
+        w = rnd.choices(LETTERS[:-1], k=rnd.randint(3, 7))
+        return Example(task, f"shift: {spaced(w)}", spaced(chr(ord(c) + 1) for c in w))
+    if task == "pick":
+        pool = rnd.sample(LETTERS, rnd.randint(5, 8))
+        k = rnd.randint(3, 4)
+        return Example(task, f"pick {k} distinct: {spaced(pool)}", spaced(rnd.sample(pool, k)))
+    if task == "sum":
+        k = rnd.randint(3, 4)
+        digits = [rnd.randint(0, 9) for _ in range(k)]
+        return Example(task, f"{k} digits with sum {spaced(str(sum(digits)))}", spaced(str(d) for d in digits))
+    if task == "latin":
+        square = rnd.choice(LATIN_SQUARES)
+        shown = set(rnd.sample(range(9), rnd.randint(1, 2)))
+        grid = [square[i] if i in shown else "_" for i in range(9)]
+        rows = " / ".join(spaced(grid[r * 3 : r * 3 + 3]) for r in range(3))
+        return Example(task, f"latin square: {rows}", spaced(square))
+    raise ValueError(f"unknown task {task!r}")
+
+
+def check(example: Example, reply: str) -> bool:
+    """Does `reply` solve the example's task? Exact match for single-answer tasks, validity for the others."""
+    got = reply.split()
+    if example.task in SINGLE:
+        return got == example.answer.split()
+    p = example.prompt
+    if example.task == "pick":
+        k = int(re.match(r"pick (\d+)", p).group(1))
+        pool = set(p.split(":", 1)[1].split())
+        return len(got) == k and len(set(got)) == k and set(got) <= pool
+    if example.task == "sum":
+        k = int(p.split()[0])
+        target = int("".join(p.split("sum", 1)[1].split()))
+        return len(got) == k and all(g.isdigit() and len(g) == 1 for g in got) and sum(map(int, got)) == target
+    if example.task == "latin":
+        grid = p.split(":", 1)[1].replace("/", " ").split()
+        square = "".join(got)
+        return square in LATIN_SQUARES and all(g in ("_", s) for g, s in zip(grid, square))
+    raise ValueError(f"unknown task {example.task!r}")
+
+
+def english_passages(max_words: int = 48) -> list[Example]:
+    """(topic question, opening of the topic's text) pairs from the pydoc topics that ship with Python."""
+    from pydoc_data.topics import topics
+
+    out = []
+    for name in sorted(topics):
+        words = re.sub(r"\s+", " ", _prose(topics[name])).strip().split(" ")
+        title = name.replace("-", " ").replace("_", " ")
+        out.append(Example("english", f"Tell me about {title}.", " ".join(words[:max_words])))
+    return out
+
+
+def _prose(text: str) -> str:
+    """Drop reST underlines (lines of *, =, -, ~) from a pydoc topic."""
+    return "\n".join(line for line in text.splitlines() if not re.fullmatch(r"\s*[*=~^-]{3,}\s*", line))
+
+
+def english_corpus() -> list[str]:
+    """Full pydoc topic texts, for training the tokenizer."""
+    from pydoc_data.topics import topics
+
+    return [topics[name] for name in sorted(topics)]
+
+
+def held_out(n_per_task: int, seed: int = 1234) -> list[Example]:
+    """The evaluation set: a fixed stream, disjoint from training (training rejects these prompts)."""
+    rnd = random.Random(seed)
+    out, seen = [], set()
+    for task in SINGLE + MANY:
+        while sum(e.task == task for e in out) < n_per_task:
+            e = make(task, rnd)
+            if e.prompt not in seen:
+                seen.add(e.prompt)
+                out.append(e)
+    return out
+
+
+def training_stream(seed: int, exclude: set[str], english_share: float = 0.1) -> Callable[[], Example]:
+    """Deterministic under its seed: every call returns the next training example."""
+    rnd = random.Random(seed)
+    passages = english_passages()
+    tasks = SINGLE + MANY
+    weights = [1.0, 1.0, 1.5, 1.0, 1.2, 1.5, 1.5]
+
+    def next_example() -> Example:
+        if rnd.random() < english_share:
+            return rnd.choice(passages)
+        while True:
+            e = make(rnd.choices(tasks, weights)[0], rnd)
+            if e.prompt not in exclude:
+                return e
+
+    return next_example
