@@ -1,6 +1,8 @@
 """Generate text with our denoiser from a checkpoint folder or hub id.
 
-    python -m model.generate --model PATH_OR_HUB_ID --prompt "..." [--max-new-tokens N --steps N --seed S]
+    python -m model.generate [--model PATH_OR_HUB_ID] --prompt "..." [--max-new-tokens N --steps N --seed S]
+
+Without --model it uses the small checkpoint shipped in model/embedded.
 
 The prompt goes through the tokenizer's chat template when the checkpoint has one (use --raw to skip it).
 """
@@ -14,7 +16,7 @@ import torch
 
 from model.config import SamplerSettings
 from model.denoiser import Denoiser, Request
-from model.weights import CheckpointError, load_network, read_checkpoint
+from model.weights import EMBEDDED, CheckpointError, load_network, read_checkpoint
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -34,7 +36,9 @@ def positive(text: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", required=True, help="checkpoint folder or Hugging Face hub id")
+    ap.add_argument(
+        "--model", default=str(EMBEDDED), help="checkpoint folder or Hugging Face hub id (default: the shipped model)"
+    )
     ap.add_argument("--prompt", required=True)
     ap.add_argument("--max-new-tokens", type=positive, help="default: the checkpoint's generation config")
     ap.add_argument("--steps", type=positive, help="max denoising steps per canvas (default: generation config)")

@@ -7,7 +7,8 @@ Two kinds of checkable tasks, plus plain English from the `pydoc_data` topics th
    target, complete a 3x3 Latin square. Here the answer's positions depend on each other: committing every
    position at once mixes different solutions, and more denoising steps let the canvas settle on one.
 
-Items are written space-separated so that every letter and digit is one token.
+Letters are written space-separated and digits unspaced: the tokenizer splits digits one per token, and a
+space before a letter belongs to the letter's token, so every letter and digit is one token.
 """
 
 from __future__ import annotations
@@ -46,10 +47,10 @@ def make(task: str, rnd: random.Random) -> Example:
         return Example(task, f"reverse: {spaced(w)}", spaced(reversed(w)))
     if task == "sort":
         d = rnd.choices("0123456789", k=rnd.randint(4, 7))
-        return Example(task, f"sort: {spaced(d)}", spaced(sorted(d)))
+        return Example(task, f"sort: {''.join(d)}", "".join(sorted(d)))
     if task == "add":
         a, b = rnd.randint(10, 999), rnd.randint(10, 999)
-        return Example(task, f"add: {spaced(str(a))} + {spaced(str(b))}", spaced(str(a + b)))
+        return Example(task, f"add: {a} + {b}", str(a + b))
     if task == "shift":
         w = rnd.choices(LETTERS[:-1], k=rnd.randint(3, 7))
         return Example(task, f"shift: {spaced(w)}", spaced(chr(ord(c) + 1) for c in w))
@@ -59,14 +60,16 @@ def make(task: str, rnd: random.Random) -> Example:
         return Example(task, f"pick {k} distinct: {spaced(pool)}", spaced(rnd.sample(pool, k)))
     if task == "sum":
         k = rnd.randint(3, 4)
-        digits = [rnd.randint(0, 9) for _ in range(k)]
-        return Example(task, f"{k} digits with sum {spaced(str(sum(digits)))}", spaced(str(d) for d in digits))
+        allowed = sorted(rnd.sample("0123456789", rnd.randint(4, 6)))
+        digits = rnd.choices(allowed, k=k)
+        total = sum(map(int, digits))
+        return Example(task, f"{k} digits from {''.join(allowed)} with sum {total}", "".join(digits))
     if task == "latin":
         square = rnd.choice(LATIN_SQUARES)
         shown = set(rnd.sample(range(9), rnd.randint(1, 2)))
         grid = [square[i] if i in shown else "_" for i in range(9)]
-        rows = " / ".join(spaced(grid[r * 3 : r * 3 + 3]) for r in range(3))
-        return Example(task, f"latin square: {rows}", spaced(square))
+        rows = " / ".join("".join(grid[r * 3 : r * 3 + 3]) for r in range(3))
+        return Example(task, f"latin square: {rows}", square)
     raise ValueError(f"unknown task {task!r}")
 
 
@@ -80,14 +83,13 @@ def check(example: Example, reply: str) -> bool:
         k = int(re.match(r"pick (\d+)", p).group(1))
         pool = set(p.split(":", 1)[1].split())
         return len(got) == k and len(set(got)) == k and set(got) <= pool
+    digits = "".join(got)
     if example.task == "sum":
-        k = int(p.split()[0])
-        target = int("".join(p.split("sum", 1)[1].split()))
-        return len(got) == k and all(g.isdigit() and len(g) == 1 for g in got) and sum(map(int, got)) == target
+        k, allowed, target = int(p.split()[0]), set(p.split()[3]), int(p.split()[-1])
+        return len(digits) == k and set(digits) <= allowed and sum(map(int, digits)) == target
     if example.task == "latin":
-        grid = p.split(":", 1)[1].replace("/", " ").split()
-        square = "".join(got)
-        return square in LATIN_SQUARES and all(g in ("_", s) for g, s in zip(grid, square))
+        grid = "".join(p.split(":", 1)[1].replace("/", " ").split())
+        return digits in LATIN_SQUARES and all(g in ("_", s) for g, s in zip(grid, digits))
     raise ValueError(f"unknown task {example.task!r}")
 
 
@@ -115,7 +117,10 @@ def english_corpus() -> list[str]:
     return [topics[name] for name in sorted(topics)]
 
 
-def held_out(n_per_task: int, seed: int = 1234) -> list[Example]:
+HELD_OUT_PER_TASK = 40
+
+
+def held_out(n_per_task: int = HELD_OUT_PER_TASK, seed: int = 1234) -> list[Example]:
     """The evaluation set: a fixed stream, disjoint from training (training rejects these prompts)."""
     rnd = random.Random(seed)
     out, seen = [], set()
@@ -128,19 +133,31 @@ def held_out(n_per_task: int, seed: int = 1234) -> list[Example]:
     return out
 
 
-def training_stream(seed: int, exclude: set[str], english_share: float = 0.1) -> Callable[[], Example]:
-    """Deterministic under its seed: every call returns the next training example."""
+DEFAULT_WEIGHTS = (1.0, 1.0, 1.5, 1.0, 1.2, 1.5, 1.5)  # SINGLE + MANY order
+
+
+def training_batches(
+    seed: int,
+    batch: int,
+    exclude: set[str],
+    english_share: float = 0.1,
+    weights: tuple[float, ...] = DEFAULT_WEIGHTS,
+) -> Callable[[], list[Example]]:
+    """Deterministic under its seed: every call returns the next batch. English passages come in batches of
+    their own, so the short task prompts are not padded to the length of a passage."""
     rnd = random.Random(seed)
     passages = english_passages()
     tasks = SINGLE + MANY
-    weights = [1.0, 1.0, 1.5, 1.0, 1.2, 1.5, 1.5]
 
-    def next_example() -> Example:
-        if rnd.random() < english_share:
-            return rnd.choice(passages)
+    def task_example() -> Example:
         while True:
             e = make(rnd.choices(tasks, weights)[0], rnd)
             if e.prompt not in exclude:
                 return e
 
-    return next_example
+    def next_batch() -> list[Example]:
+        if rnd.random() < english_share:
+            return [rnd.choice(passages) for _ in range(batch)]
+        return [task_example() for _ in range(batch)]
+
+    return next_batch

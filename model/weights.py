@@ -28,6 +28,7 @@ DEC = "model.decoder."
 ENC = "model.encoder.language_model."
 VISION_PREFIXES = ("model.encoder.vision_tower.", "model.encoder.embed_vision.")
 PROGRESS_BYTES = 1 << 30  # show a progress bar for checkpoints above 1 GiB
+EMBEDDED = Path(__file__).parent / "embedded"  # the small model this project trains and ships (model/train.py)
 
 
 class CheckpointError(ValueError):

@@ -1,0 +1,109 @@
+"""Accuracy of a checkpoint against the denoising-step cap, on the held-out tasks, through our denoiser.
+
+    python -m model.evaluate [--model PATH] [--caps 1,2,4,8,16,32] [--seed 0]
+
+Every held-out prompt (model/tasks.py, both kinds) runs at each step cap with adaptive stopping off, then
+once with the checkpoint's own adaptive stop. Prints a table, then one JSON object as the last line.
+tokens/s counts the tokens returned (answers and their end-of-turn marker) over the wall time of the whole
+batch at that cap.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+
+import torch
+
+from model import tasks
+from model.config import SamplerSettings
+from model.denoiser import Denoiser, Request
+from model.weights import EMBEDDED, load_network
+
+
+def run_cap(denoiser, tok, examples, prompts, settings: SamplerSettings, seed: int) -> dict:
+    canvas = denoiser.canvas_length
+    requests = [Request(p, canvas, settings, seed=seed + i) for i, p in enumerate(prompts)]
+    t0 = time.perf_counter()
+    outs = denoiser.generate(requests)
+    elapsed = time.perf_counter() - t0
+    ok = [tasks.check(e, tok.decode(o.tokens, skip_special_tokens=True)) for e, o in zip(examples, outs)]
+    by_kind = {}
+    for kind, names in (("single_answer", tasks.SINGLE), ("many_answers", tasks.MANY)):
+        sel = [k for k, e in zip(ok, examples) if e.task in names]
+        by_kind[kind] = sum(sel) / len(sel)
+    by_task = {
+        t: sum(k for k, e in zip(ok, examples) if e.task == t) / sum(e.task == t for e in examples)
+        for t in tasks.SINGLE + tasks.MANY
+    }
+    steps = [s for o in outs for s in o.steps]
+    return {
+        "accuracy": sum(ok) / len(ok),
+        **by_kind,
+        "by_task": by_task,
+        "tokens_per_s": sum(len(o.tokens) for o in outs) / elapsed,
+        "mean_steps": sum(steps) / len(steps),
+    }
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=str(EMBEDDED), help="checkpoint folder or hub id (default: the shipped model)")
+    ap.add_argument("--caps", default="1,2,4,8,16,32")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+
+    from transformers import AutoTokenizer
+
+    torch.manual_seed(args.seed)
+    net, ckpt = load_network(args.model)
+    tok = AutoTokenizer.from_pretrained(ckpt.path)
+    examples = tasks.held_out()
+    prompts = []
+    for e in examples:
+        ids = tok.apply_chat_template(
+            [{"role": "user", "content": e.prompt}], add_generation_prompt=True, tokenize=True
+        )
+        prompts.append(list(ids["input_ids"] if hasattr(ids, "keys") else ids))
+    gen = ckpt.generation
+    denoiser = Denoiser(
+        net,
+        slots=len(examples),
+        max_context=max(map(len, prompts)) + net.config.canvas_length,
+        eos_token_ids=gen.eos_token_ids,
+    )
+    caps = [int(c) for c in args.caps.split(",")]
+    fixed = {}
+    for cap in caps:
+        settings = dataclasses.replace(gen.sampler, max_denoising_steps=cap, confidence_threshold=None)
+        fixed[cap] = run_cap(denoiser, tok, examples, prompts, settings, args.seed)
+    adaptive = run_cap(denoiser, tok, examples, prompts, gen.sampler, args.seed)
+
+    tasks_cols = list(tasks.SINGLE + tasks.MANY)
+    print(f"{'steps':>9} {'all':>5} {'single':>6} {'many':>5} " + " ".join(f"{t:>7}" for t in tasks_cols) + "  tok/s")
+    rows = [(str(c), r) for c, r in fixed.items()] + [(f"adaptive({adaptive['mean_steps']:.1f})", adaptive)]
+    for name, r in rows:
+        cells = " ".join(f"{r['by_task'][t]:7.3f}" for t in tasks_cols)
+        print(
+            f"{name:>9} {r['accuracy']:5.3f} {r['single_answer']:6.3f} {r['many_answers']:5.3f} {cells}"
+            f"  {r['tokens_per_s']:.0f}"
+        )
+    result = {
+        "model": str(args.model),
+        "prompts": len(examples),
+        "accuracy_by_steps": {c: round(r["accuracy"], 4) for c, r in fixed.items()},
+        "accuracy_by_steps_single_answer": {c: round(r["single_answer"], 4) for c, r in fixed.items()},
+        "accuracy_by_steps_many_answers": {c: round(r["many_answers"], 4) for c, r in fixed.items()},
+        "tokens_per_s_by_steps": {c: round(r["tokens_per_s"], 1) for c, r in fixed.items()},
+        "accuracy_adaptive": round(adaptive["accuracy"], 4),
+        "mean_steps_adaptive": round(adaptive["mean_steps"], 3),
+        "adaptive_cap": gen.sampler.max_denoising_steps,
+    }
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,210 @@
+"""Train the embedded default model: a small DiffusionGemma on the project's own tasks and English.
+
+    python -m model.train --out model/embedded --steps 9000 --seed 0
+
+The objective is DiffusionGemma's (shared/reference/diffusiongemma.md 1.6, the NeMo/Megatron recipe): pick one
+response block of canvas length, corrupt it with uniform random ids at a rate t ~ U(0, 1), and train the
+decoder to restore it with cross-entropy on the whole block, using two-pass self-conditioning with
+probability 0.5 (the first pass without gradient); plus the encoder's causal loss on the response tokens.
+transformers' model with autograd is the trainer; serving uses our network. The run is deterministic under
+its seed (the schedule counts steps, not wall time).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from model import tasks
+from model.tokenizer_build import BOI, EOI, IMAGE, TURN_END, build_tokenizer
+
+CANVAS = 16
+VOCAB = 1024
+
+
+def model_config() -> dict:
+    text = dict(
+        vocab_size=VOCAB,
+        hidden_size=128,
+        intermediate_size=256,
+        moe_intermediate_size=128,
+        num_hidden_layers=4,
+        layer_types=["sliding_attention", "full_attention"] * 2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+        global_head_dim=64,
+        num_global_key_value_heads=1,
+        num_experts=4,
+        top_k_experts=2,
+        sliding_window=256,  # longer than any training sequence, so the training cache can be cropped
+        max_position_embeddings=4096,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=2,
+    )
+    vision = dict(
+        model_type="gemma4_vision",
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=1,
+        num_key_value_heads=1,
+        head_dim=16,
+        patch_size=4,
+        pooling_kernel_size=1,
+        position_embedding_size=16,
+    )
+    return dict(
+        text_config=text,
+        vision_config=vision,
+        canvas_length=CANVAS,
+        image_token_id=IMAGE,
+        boi_token_id=BOI,
+        eoi_token_id=EOI,
+    )
+
+
+def encode_example(tok, e: tasks.Example, rnd: torch.Generator) -> tuple[list[int], list[int]]:
+    """(context ids, target block [CANVAS]): the prompt plus earlier response blocks, and one response block."""
+    prompt = tok.apply_chat_template([{"role": "user", "content": e.prompt}], add_generation_prompt=True, tokenize=True)
+    prompt = list(prompt["input_ids"] if hasattr(prompt, "keys") else prompt)
+    response = tok(e.answer, add_special_tokens=False)["input_ids"] + [TURN_END]
+    blocks = math.ceil(len(response) / CANVAS)
+    k = int(torch.randint(blocks, (1,), generator=rnd))
+    target = response[k * CANVAS : (k + 1) * CANVAS]
+    return prompt + response[: k * CANVAS], target + [0] * (CANVAS - len(target))
+
+
+def batch_loss(model, tok, examples: list[tasks.Example], rnd: torch.Generator) -> tuple[torch.Tensor, dict]:
+    from transformers import DynamicCache
+
+    pairs = [encode_example(tok, e, rnd) for e in examples]
+    b, p = len(pairs), max(len(c) for c, _ in pairs)
+    ctx = torch.zeros(b, p, dtype=torch.long)
+    ctx_mask = torch.zeros(b, p, dtype=torch.long)
+    for i, (c, _) in enumerate(pairs):  # left padding: every context ends at column p-1
+        ctx[i, p - len(c) :] = torch.tensor(c)
+        ctx_mask[i, p - len(c) :] = 1
+    x0 = torch.tensor([t for _, t in pairs])
+    real = x0 != 0  # response tokens (the turn end included), not the pad fill
+    cache = DynamicCache(config=model.config.get_text_config(decoder=True))
+    enc = model.model.encoder(
+        input_ids=torch.cat([ctx, x0], 1), attention_mask=torch.cat([ctx_mask, torch.ones_like(x0)], 1), cache=cache
+    )
+    cap = model.config.text_config.final_logit_softcapping
+    ar_logits = model.lm_head(enc.last_hidden_state[:, p - 1 : p - 1 + CANVAS]).float()
+    ar_logits = cap * torch.tanh(ar_logits / cap)
+    ar_loss = F.cross_entropy(ar_logits[real], x0[real])
+    cache.crop(-CANVAS)  # the decoder sees the context only, as in generation
+
+    t = torch.rand(b, 1, generator=rnd) * 0.998 + 0.001
+    noisy = torch.rand(b, CANVAS, generator=rnd) < t
+    xt = torch.where(noisy, torch.randint(0, VOCAB, (b, CANVAS), generator=rnd), x0)
+    dmask = torch.cat([ctx_mask, torch.ones_like(x0)], 1)
+    with torch.no_grad():
+        first = model(cache=cache, decoder_input_ids=xt, decoder_attention_mask=dmask).logits
+    sc_on = torch.rand(b, generator=rnd) < 0.5
+    out = model(
+        cache=cache,
+        decoder_input_ids=xt,
+        decoder_attention_mask=dmask,
+        self_conditioning_logits=first,
+        self_conditioning_mask=sc_on,
+    ).logits
+    diff_loss = F.cross_entropy(out.reshape(-1, VOCAB), x0.reshape(-1))
+    acc = (out.argmax(-1) == x0).float().mean()
+    return diff_loss + ar_loss, {"diff": diff_loss.item(), "ar": ar_loss.item(), "tok_acc": acc.item()}
+
+
+def save(model, tok, out: Path) -> None:
+    from transformers import DiffusionGemmaGenerationConfig
+    from transformers.models.diffusion_gemma.generation_diffusion_gemma import EntropyBoundSamplerConfig
+
+    model.generation_config = DiffusionGemmaGenerationConfig(
+        eos_token_id=[1, TURN_END],
+        pad_token_id=0,
+        bos_token_id=2,
+        max_new_tokens=64,
+        max_denoising_steps=16,
+        sampler_config=EntropyBoundSamplerConfig(entropy_bound=0.1),
+        t_min=0.4,
+        t_max=0.8,
+        stability_threshold=1,
+        confidence_threshold=0.005,
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "embedded")
+    ap.add_argument("--steps", type=int, default=9000)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--lr", type=float, default=1.5e-3)
+    ap.add_argument("--warmup", type=int, default=100)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--init", type=Path, help="warm-start from this checkpoint instead of random weights")
+    ap.add_argument("--english-share", type=float, default=0.1, help="fraction of batches of English passages")
+    ap.add_argument(
+        "--task-weights",
+        default=",".join(map(str, tasks.DEFAULT_WEIGHTS)),
+        help="sampling weights of " + ",".join(tasks.SINGLE + tasks.MANY),
+    )
+    args = ap.parse_args(argv)
+
+    from transformers import DiffusionGemmaConfig, DiffusionGemmaForBlockDiffusion
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    tok = build_tokenizer(VOCAB, seed=args.seed)
+    if args.init:
+        model = DiffusionGemmaForBlockDiffusion.from_pretrained(args.init, dtype=torch.float32)
+    else:
+        model = DiffusionGemmaForBlockDiffusion(DiffusionGemmaConfig(**model_config()))
+    model.train()
+    held = {e.prompt for e in tasks.held_out()}
+    weights = tuple(float(w) for w in args.task_weights.split(","))
+    next_batch = tasks.training_batches(args.seed, args.batch, held, args.english_share, weights)
+    rnd = torch.Generator().manual_seed(args.seed)
+    params = [p for n, p in model.named_parameters() if "vision" not in n]
+    opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.98), weight_decay=0.01)
+
+    def lr_at(step: int) -> float:
+        if step < args.warmup:
+            return args.lr * (step + 1) / args.warmup
+        done = (step - args.warmup) / max(1, args.steps - args.warmup)
+        return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * done)))
+
+    start = last = time.time()
+    window: list[dict] = []
+    for step in range(args.steps):
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step)
+        loss, stats = batch_loss(model, tok, next_batch(), rnd)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        window.append(stats)
+        if time.time() - last > 60 or step == args.steps - 1:
+            mean = {k: round(sum(s[k] for s in window) / len(window), 4) for k in window[0]}
+            minutes = round((time.time() - start) / 60, 1)
+            print(json.dumps({"step": step + 1, "min": minutes, "lr": lr_at(step), **mean}), flush=True)
+            window, last = [], time.time()
+    model.eval()
+    save(model, tok, args.out)
+    print(f"saved to {args.out} after {(time.time() - start) / 60:.1f} min")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,61 @@
+"""The shipped checkpoint: loads with both implementations, its tokenizer round-trips, it answers its tasks."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoTokenizer, DiffusionGemmaForBlockDiffusion, DynamicCache
+
+from model.kv_cache import KVCache
+from model.weights import EMBEDDED, load_network
+
+pytestmark = pytest.mark.skipif(not (EMBEDDED / "model.safetensors").is_file(), reason="no shipped checkpoint")
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return AutoTokenizer.from_pretrained(EMBEDDED)
+
+
+def chat_ids(tok, text: str) -> list[int]:
+    ids = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True)
+    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+
+def test_checkpoint_is_small_and_in_hugging_face_format():
+    size = sum(f.stat().st_size for f in EMBEDDED.iterdir())
+    assert size <= 25 * 2**20
+    config = json.loads((EMBEDDED / "config.json").read_text())
+    assert config["model_type"] == "diffusion_gemma"
+    gen = json.loads((EMBEDDED / "generation_config.json").read_text())
+    assert gen["eos_token_id"] and gen["pad_token_id"] == 0 and gen["max_denoising_steps"]
+
+
+def test_tokenizer_round_trips_and_matches_the_model(tok):
+    _, ckpt = load_network(str(EMBEDDED))
+    assert len(tok) == ckpt.config.vocab_size
+    assert (tok.pad_token_id, tok.eos_token_id, tok.bos_token_id) == (0, 1, 2)
+    for text in ["reverse: a b c", "add: 107 + 643", "Tell me about the for statement.", "x = [1, 2]  # ok"]:
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        assert tok.decode(ids) == text
+    prompt = tok.decode(chat_ids(tok, "sort: 312"))
+    assert prompt == "<bos><|turn>user\nsort: 312<turn|>\n<|turn>model\n<|channel>thought\n<channel|>"
+
+
+def test_both_implementations_give_the_same_logits(tok):
+    hf = DiffusionGemmaForBlockDiffusion.from_pretrained(EMBEDDED).eval()
+    net, ckpt = load_network(str(EMBEDDED))
+    prompt = torch.tensor(chat_ids(tok, "latin square: 1__ / ___ / ___"))
+    canvas = torch.randint(0, ckpt.config.vocab_size, (ckpt.config.canvas_length,), generator=torch.Generator())
+    cache = DynamicCache(config=hf.config.get_text_config(decoder=True))
+    with torch.no_grad():
+        hf.model.encoder(input_ids=prompt[None], cache=cache)
+        ref = hf(decoder_input_ids=canvas[None], cache=cache).logits[0]
+    ours_cache = KVCache(ckpt.config, 1, 64, "cpu", net.dtype)
+    slots = torch.tensor([0])
+    net.prefill(ours_cache, slots, prompt[None], torch.tensor([len(prompt)]))
+    ours = net.logits(net.denoise(ours_cache, slots, canvas[None], None))[0]
+    assert (ours - ref).abs().max() <= 1e-4
+    assert ref.abs().max() > 1  # a trained model's logits carry signal
