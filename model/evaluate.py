@@ -18,6 +18,7 @@ import time
 import torch
 
 from model import tasks
+from model.chat import prompt_ids
 from model.config import SamplerSettings
 from model.denoiser import Denoiser, Request
 from model.weights import EMBEDDED, load_network
@@ -61,12 +62,7 @@ def main(argv: list[str] | None = None) -> dict:
     net, ckpt = load_network(args.model)
     tok = AutoTokenizer.from_pretrained(ckpt.path)
     examples = tasks.held_out()
-    prompts = []
-    for e in examples:
-        ids = tok.apply_chat_template(
-            [{"role": "user", "content": e.prompt}], add_generation_prompt=True, tokenize=True
-        )
-        prompts.append(list(ids["input_ids"] if hasattr(ids, "keys") else ids))
+    prompts = [prompt_ids(tok, e.prompt) for e in examples]
     gen = ckpt.generation
     denoiser = Denoiser(
         net,

@@ -14,6 +14,7 @@ import sys
 
 import torch
 
+from model.chat import prompt_ids
 from model.config import SamplerSettings
 from model.denoiser import Denoiser, Request
 from model.weights import EMBEDDED, CheckpointError, load_network, read_checkpoint
@@ -59,13 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     except (CheckpointError, OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if not args.raw and tokenizer.chat_template:
-        ids = tokenizer.apply_chat_template(
-            [{"role": "user", "content": args.prompt}], add_generation_prompt=True, tokenize=True
-        )
-        ids = list(ids["input_ids"] if isinstance(ids, dict) else ids)
-    else:
-        ids = tokenizer(args.prompt)["input_ids"]
+    ids = prompt_ids(tokenizer, args.prompt, chat=not args.raw)
     gen = ckpt.generation
     settings = gen.sampler
     if args.steps:

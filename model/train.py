@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from model import tasks
+from model.chat import prompt_ids
 from model.tokenizer_build import BOI, EOI, IMAGE, TURN_END, build_tokenizer
 
 CANVAS = 16
@@ -73,8 +74,7 @@ def model_config() -> dict:
 
 def encode_example(tok, e: tasks.Example, rnd: torch.Generator) -> tuple[list[int], list[int]]:
     """(context ids, target block [CANVAS]): the prompt plus earlier response blocks, and one response block."""
-    prompt = tok.apply_chat_template([{"role": "user", "content": e.prompt}], add_generation_prompt=True, tokenize=True)
-    prompt = list(prompt["input_ids"] if hasattr(prompt, "keys") else prompt)
+    prompt = prompt_ids(tok, e.prompt)
     response = tok(e.answer, add_special_tokens=False)["input_ids"] + [TURN_END]
     blocks = math.ceil(len(response) / CANVAS)
     k = int(torch.randint(blocks, (1,), generator=rnd))

@@ -59,3 +59,19 @@ def test_bench_prints_one_json_line_last():
     assert result["preset"] == "tiny" and result["batch"] == 2 and result["steps"] == 2
     assert result["ours_tokens_per_s"] > 0 and result["transformers_tokens_per_s"] > 0
     assert abs(result["speedup"] - result["ours_tokens_per_s"] / result["transformers_tokens_per_s"]) < 0.01
+
+
+def test_generate_uses_the_shipped_model_and_its_chat_template():
+    from model.chat import prompt_ids
+    from model.weights import EMBEDDED
+
+    proc = run("model.generate", "--prompt", "reverse: h e l l o", "--seed", "1")
+    assert proc.returncode == 0, proc.stderr
+    tok = AutoTokenizer.from_pretrained(EMBEDDED)
+    net, ckpt = load_network(str(EMBEDDED))
+    ids = prompt_ids(tok, "reverse: h e l l o")
+    assert tok.decode(ids).startswith("<bos><|turn>user\n")
+    gen = ckpt.generation
+    d = Denoiser(net, slots=1, max_context=128, eos_token_ids=gen.eos_token_ids)
+    expected = d.generate([Request(ids, gen.max_new_tokens, gen.sampler, seed=1)])[0].tokens
+    assert proc.stdout.strip() == tok.decode(expected, skip_special_tokens=True).strip()

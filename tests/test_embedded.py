@@ -8,6 +8,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer, DiffusionGemmaForBlockDiffusion, DynamicCache
 
+from model.chat import prompt_ids
 from model.kv_cache import KVCache
 from model.weights import EMBEDDED, load_network
 
@@ -17,11 +18,6 @@ pytestmark = pytest.mark.skipif(not (EMBEDDED / "model.safetensors").is_file(), 
 @pytest.fixture(scope="module")
 def tok():
     return AutoTokenizer.from_pretrained(EMBEDDED)
-
-
-def chat_ids(tok, text: str) -> list[int]:
-    ids = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True)
-    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
 
 
 def test_checkpoint_is_small_and_in_hugging_face_format():
@@ -40,14 +36,14 @@ def test_tokenizer_round_trips_and_matches_the_model(tok):
     for text in ["reverse: a b c", "add: 107 + 643", "Tell me about the for statement.", "x = [1, 2]  # ok"]:
         ids = tok(text, add_special_tokens=False)["input_ids"]
         assert tok.decode(ids) == text
-    prompt = tok.decode(chat_ids(tok, "sort: 312"))
+    prompt = tok.decode(prompt_ids(tok, "sort: 312"))
     assert prompt == "<bos><|turn>user\nsort: 312<turn|>\n<|turn>model\n<|channel>thought\n<channel|>"
 
 
 def test_both_implementations_give_the_same_logits(tok):
     hf = DiffusionGemmaForBlockDiffusion.from_pretrained(EMBEDDED).eval()
     net, ckpt = load_network(str(EMBEDDED))
-    prompt = torch.tensor(chat_ids(tok, "latin square: 1__ / ___ / ___"))
+    prompt = torch.tensor(prompt_ids(tok, "latin square: 1__ / ___ / ___"))
     canvas = torch.randint(0, ckpt.config.vocab_size, (ckpt.config.canvas_length,), generator=torch.Generator())
     cache = DynamicCache(config=hf.config.get_text_config(decoder=True))
     with torch.no_grad():
