@@ -17,11 +17,12 @@ TINY_VISION = dict(
     hidden_size=16,
     intermediate_size=32,
     num_hidden_layers=1,
-    num_attention_heads=2,
-    num_key_value_heads=2,
-    head_dim=8,
+    num_attention_heads=1,
+    num_key_value_heads=1,
+    head_dim=16,
     patch_size=4,
-    pooling_kernel_size=2,
+    pooling_kernel_size=1,
+    position_embedding_size=16,
 )
 
 
@@ -119,6 +120,26 @@ def preset(name: str, **text_overrides) -> dict:
     cfg = copy.deepcopy(PRESETS[name])
     cfg["text_config"].update(text_overrides)
     return cfg
+
+
+def hf_generation_config(eos_token_id: list[int], max_denoising_steps: int, max_new_tokens: int):
+    """A transformers DiffusionGemmaGenerationConfig with the sampler defaults written out, as a checkpoint's
+    generation_config.json should carry them (a fresh model's config has no eos/pad, so EOS would not stop)."""
+    from transformers import DiffusionGemmaGenerationConfig
+    from transformers.models.diffusion_gemma.generation_diffusion_gemma import EntropyBoundSamplerConfig
+
+    return DiffusionGemmaGenerationConfig(
+        eos_token_id=eos_token_id,
+        pad_token_id=0,
+        bos_token_id=2,
+        max_new_tokens=max_new_tokens,
+        max_denoising_steps=max_denoising_steps,
+        sampler_config=EntropyBoundSamplerConfig(entropy_bound=0.1),
+        t_min=0.4,
+        t_max=0.8,
+        stability_threshold=1,
+        confidence_threshold=0.005,
+    )
 
 
 def random_hf_model(config: dict, seed: int = 0, dtype: torch.dtype = torch.float32):

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from model import tasks
 from model.chat import prompt_ids
+from model.presets import TINY_VISION, hf_generation_config
 from model.tokenizer_build import BOI, EOI, IMAGE, TURN_END, build_tokenizer
 
 CANVAS = 16
@@ -50,21 +51,9 @@ def model_config() -> dict:
         eos_token_id=1,
         bos_token_id=2,
     )
-    vision = dict(
-        model_type="gemma4_vision",
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=1,
-        num_key_value_heads=1,
-        head_dim=16,
-        patch_size=4,
-        pooling_kernel_size=1,
-        position_embedding_size=16,
-    )
     return dict(
         text_config=text,
-        vision_config=vision,
+        vision_config=dict(TINY_VISION),
         canvas_length=CANVAS,
         image_token_id=IMAGE,
         boi_token_id=BOI,
@@ -124,21 +113,7 @@ def batch_loss(model, tok, examples: list[tasks.Example], rnd: torch.Generator) 
 
 
 def save(model, tok, out: Path) -> None:
-    from transformers import DiffusionGemmaGenerationConfig
-    from transformers.models.diffusion_gemma.generation_diffusion_gemma import EntropyBoundSamplerConfig
-
-    model.generation_config = DiffusionGemmaGenerationConfig(
-        eos_token_id=[1, TURN_END],
-        pad_token_id=0,
-        bos_token_id=2,
-        max_new_tokens=64,
-        max_denoising_steps=16,
-        sampler_config=EntropyBoundSamplerConfig(entropy_bound=0.1),
-        t_min=0.4,
-        t_max=0.8,
-        stability_threshold=1,
-        confidence_threshold=0.005,
-    )
+    model.generation_config = hf_generation_config([1, TURN_END], max_denoising_steps=16, max_new_tokens=64)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     tok.save_pretrained(out)

@@ -15,7 +15,7 @@ import pytest
 import torch
 from transformers import DiffusionGemmaForBlockDiffusion
 
-from model.presets import preset, random_hf_model
+from model.presets import hf_generation_config, preset, random_hf_model
 
 
 @dataclass
@@ -43,21 +43,8 @@ def write_tokenizer(path: Path, vocab_size: int) -> None:
 
 
 def build(path: Path, config: dict, seed: int, dtype: torch.dtype, global_form: bool = False) -> Built:
-    from transformers import DiffusionGemmaGenerationConfig
-    from transformers.models.diffusion_gemma.generation_diffusion_gemma import EntropyBoundSamplerConfig
-
     hf = random_hf_model(config, seed=seed, dtype=dtype)
-    hf.generation_config = DiffusionGemmaGenerationConfig(
-        eos_token_id=[1],
-        pad_token_id=0,
-        max_denoising_steps=6,
-        sampler_config=EntropyBoundSamplerConfig(entropy_bound=0.1),
-        t_min=0.4,
-        t_max=0.8,
-        stability_threshold=1,
-        confidence_threshold=0.005,
-        max_new_tokens=16,
-    )
+    hf.generation_config = hf_generation_config([1], max_denoising_steps=6, max_new_tokens=16)
     hf.save_pretrained(path)
     if global_form:  # rewrite the full-layer head sizes the way the released config.json spells them
         cfg_file = path / "config.json"
