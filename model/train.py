@@ -141,10 +141,13 @@ def main(argv: list[str] | None = None) -> None:
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    tok = build_tokenizer(VOCAB, seed=args.seed)
-    if args.init:
+    if args.init:  # keep the token ids the initial weights were trained with
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(args.init)
         model = DiffusionGemmaForBlockDiffusion.from_pretrained(args.init, dtype=torch.float32)
     else:
+        tok = build_tokenizer(VOCAB, seed=0)  # the tokenizer is part of the data design, not of the run's seed
         model = DiffusionGemmaForBlockDiffusion(DiffusionGemmaConfig(**model_config()))
     model.train()
     held = {e.prompt for e in tasks.held_out()}
