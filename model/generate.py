@@ -10,12 +10,12 @@ The prompt goes through the tokenizer's chat template when the checkpoint has on
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 
 import torch
 
 from model.chat import prompt_ids
-from model.config import SamplerSettings
 from model.denoiser import Denoiser, Request
 from model.weights import EMBEDDED, CheckpointError, load_network, read_checkpoint
 
@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     gen = ckpt.generation
     settings = gen.sampler
     if args.steps:
-        settings = SamplerSettings(**{**settings.__dict__, "max_denoising_steps": args.steps})
+        settings = dataclasses.replace(settings, max_denoising_steps=args.steps)
     max_new = args.max_new_tokens or gen.max_new_tokens
     canvas = ckpt.config.canvas_length
     context = len(ids) + canvas * ((max_new + canvas - 1) // canvas)

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
 
 from transformers import AutoTokenizer
 
-from model.config import SamplerSettings
 from model.denoiser import Denoiser, Request
 from model.weights import load_network
 
@@ -37,7 +37,7 @@ def test_generate_prints_the_decoded_generation(window):
     ids = tok("w5 w6 w7")["input_ids"]
     assert ids[0] == 2  # the tokenizer adds BOS
     d = Denoiser(net, slots=1, max_context=64, eos_token_ids=ckpt.generation.eos_token_ids)
-    settings = SamplerSettings(**{**ckpt.generation.sampler.__dict__, "max_denoising_steps": 2})
+    settings = dataclasses.replace(ckpt.generation.sampler, max_denoising_steps=2)
     expected = tok.decode(d.generate([Request(ids, 12, settings, seed=4)])[0].tokens, skip_special_tokens=True)
     assert expected.strip()
     assert proc.stdout.strip() == expected.strip()
