@@ -15,8 +15,6 @@ import dataclasses
 import json
 import time
 
-import torch
-
 from model import tasks
 from model.chat import prompt_ids
 from model.config import SamplerSettings
@@ -58,7 +56,6 @@ def main(argv: list[str] | None = None) -> dict:
 
     from transformers import AutoTokenizer
 
-    torch.manual_seed(args.seed)
     net, ckpt = load_network(args.model)
     tok = AutoTokenizer.from_pretrained(ckpt.path)
     examples = tasks.held_out()

@@ -17,15 +17,9 @@ import torch
 
 from model.chat import prompt_ids
 from model.denoiser import Denoiser, Request
-from model.weights import EMBEDDED, CheckpointError, load_network, read_checkpoint
+from model.weights import EMBEDDED, CheckpointError, load_network
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def checkpoint_dtype(config: dict) -> torch.dtype:
-    """The dtype the checkpoint was saved in (`dtype`, or `torch_dtype` in older configs); float32 if unsaid."""
-    name = config.get("dtype") or config.get("torch_dtype") or "float32"
-    return DTYPES.get(name, torch.float32)
 
 
 def positive(text: str) -> int:
@@ -54,8 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import AutoTokenizer
 
     try:
-        dtype = DTYPES[args.dtype] if args.dtype != "auto" else checkpoint_dtype(read_checkpoint(args.model).raw_config)
-        net, ckpt = load_network(args.model, device=args.device, dtype=dtype)
+        net, ckpt = load_network(args.model, device=args.device, dtype=DTYPES.get(args.dtype))
         tokenizer = AutoTokenizer.from_pretrained(ckpt.path)
     except (CheckpointError, OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -42,6 +42,12 @@ class Checkpoint:
     generation: GenerationDefaults
     raw_config: dict
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype the weights were saved in (`dtype`, or `torch_dtype` in older configs); float32 if unsaid."""
+        name = self.raw_config.get("dtype") or self.raw_config.get("torch_dtype") or "float32"
+        return {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(name, torch.float32)
+
 
 def expected_shapes(c: TextConfig) -> dict[str, tuple[int, ...]]:
     """Every text tensor a checkpoint must hold, by its transformers name."""
@@ -250,10 +256,12 @@ def _tensor_files(path: Path) -> dict[str, Path]:
 def load_network(
     path_or_id: str,
     device: torch.device | str = "cpu",
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | None = torch.float32,
     compute_mode: str = "auto",
 ) -> tuple[Network, Checkpoint]:
+    """dtype None means the checkpoint's own dtype."""
     ckpt = read_checkpoint(path_or_id)
+    dtype = dtype or ckpt.dtype
     files = _tensor_files(ckpt.path)
     handles: dict[Path, object] = {}
     device_str = str(device)

@@ -1,4 +1,5 @@
-"""The shipped checkpoint: loads with both implementations, its tokenizer round-trips, it answers its tasks."""
+"""The shipped checkpoint: its format and size, the tokenizer round-trip, and logits that agree between our
+network and transformers. (Held-out answers are not tested yet: the first checkpoint misses issue 3's bars.)"""
 
 from __future__ import annotations
 
