@@ -101,19 +101,31 @@ class Denoiser:
         self.confidence[slot] = -math.inf if conf is None else conf
 
     def prefill(self, slots: list[int], prompts: list[list[int]]) -> None:
-        n = max(len(p) for p in prompts)
-        if min(len(p) for p in prompts) == 0:
+        self.encode(slots, prompts, [])
+
+    def encode(self, prefill_slots: list[int], prompts: list[list[int]], commit_slots: list[int]) -> None:
+        """One causal forward that appends prompts to some slots and committed argmax canvases to others: both
+        are the same encoder pass, so a batcher runs them together (rows right-padded to the longest)."""
+        if prompts and min(len(p) for p in prompts) == 0:
             raise ValueError("a prompt must hold at least one token")
-        ids = torch.full((len(prompts), n), self.config.pad_token_id, dtype=torch.int64)
+        dev = self.net.device
+        C = self.canvas_length
+        n = max([len(p) for p in prompts] + ([C] if commit_slots else []))
+        ids = torch.full((len(prompts) + len(commit_slots), n), self.config.pad_token_id, dtype=torch.int64)
         for i, p in enumerate(prompts):
             ids[i, : len(p)] = torch.tensor(p)
-        count = torch.tensor([len(p) for p in prompts])
-        dev = self.net.device
-        self.net.prefill(self.cache, torch.tensor(slots, device=dev), ids.to(dev), count.to(dev))
+        ids = ids.to(dev)
+        committed = torch.tensor(commit_slots, dtype=torch.int64, device=dev)
+        if commit_slots:
+            ids[len(prompts) :, :C] = self.argmax[committed]
+        count = torch.tensor([len(p) for p in prompts] + [C] * len(commit_slots), device=dev)
+        slots = torch.tensor(prefill_slots + commit_slots, dtype=torch.int64, device=dev)
+        self.net.prefill(self.cache, slots, ids, count)
+        self.canvas_index[committed] += 1
 
     def start_canvas(self, slots: list[int]) -> None:
         """A fresh uniform-random canvas, step 0, empty stability history, no self-conditioning."""
-        idx = torch.tensor(slots, device=self.net.device)
+        idx = torch.tensor(slots, dtype=torch.int64, device=self.net.device)
         zero = torch.zeros_like(idx)
         self.canvas[idx] = rng.random_ids(
             self.seed[idx], self.canvas_index[idx], zero, rng.INIT, self.canvas_length, self.config.vocab_size
@@ -125,7 +137,7 @@ class Denoiser:
 
     def step(self, slots: list[int]) -> StepResult:
         """One denoising step for each slot: a denoise forward, then the sampler."""
-        idx = torch.tensor(slots, device=self.net.device)
+        idx = torch.tensor(slots, dtype=torch.int64, device=self.net.device)
         soft = self.soft[idx] if bool(self.has_soft[idx].any()) else None
         hidden = self.net.denoise(self.cache, idx, self.canvas[idx], soft)
         step = self.step_index[idx]
@@ -156,12 +168,10 @@ class Denoiser:
 
     def commit(self, slots: list[int]) -> None:
         """Encode the slots' argmax canvases into the cache; the next canvas starts after them."""
-        idx = torch.tensor(slots, device=self.net.device)
-        self.net.commit(self.cache, idx, self.argmax[idx])
-        self.canvas_index[idx] += 1
+        self.encode([], [], slots)
 
     def release(self, slots: list[int]) -> None:
-        self.cache.reset(torch.tensor(slots, device=self.net.device))
+        self.cache.reset(torch.tensor(slots, dtype=torch.int64, device=self.net.device))
 
     # ---------------------------------------------------------------- the vocabulary pass
 
@@ -217,6 +227,15 @@ class Denoiser:
             self._buffers = (torch.empty(tile, vocab, device=dev), torch.empty(tile, vocab, device=dev))
         return self._buffers
 
+    def cut_at_eos(self, canvas: list[int]) -> tuple[list[int], bool]:
+        """A finished canvas's tokens up to and including its first EOS, and whether it had one."""
+        eos_at = next((i for i, t in enumerate(canvas) if t in self.eos_ids), None)
+        return (canvas, False) if eos_at is None else (canvas[: eos_at + 1], True)
+
+    def context_needed(self, prompt_tokens: int, max_new_tokens: int) -> int:
+        """Cache tokens a request needs: the prompt plus every canvas but the last (which is never encoded)."""
+        return prompt_tokens + self.canvas_length * (math.ceil(max_new_tokens / self.canvas_length) - 1)
+
     # ---------------------------------------------------------------- the simple driver
 
     def generate(self, requests: list[Request]) -> list[Generation]:
@@ -227,7 +246,7 @@ class Denoiser:
         for r in requests:
             if r.max_new_tokens < 1:
                 raise ValueError(f"max_new_tokens must be >= 1, got {r.max_new_tokens}")
-            need = len(r.prompt) + C * (math.ceil(r.max_new_tokens / C) - 1)
+            need = self.context_needed(len(r.prompt), r.max_new_tokens)
             if need > self.cache.max_context:
                 raise ValueError(
                     f"prompt plus output needs {need} cached tokens; the cache holds {self.cache.max_context}"
@@ -248,15 +267,13 @@ class Denoiser:
                     continue
                 g = out[s]
                 g.steps.append(result.steps[row])
-                canvas = result.argmax[row].tolist()
-                eos_at = next((i for i, t in enumerate(canvas) if t in self.eos_ids), None)
+                tokens, eos = self.cut_at_eos(result.argmax[row].tolist())
+                g.tokens += tokens
                 canvases_left[s] -= 1
-                if eos_at is not None:
-                    g.tokens += canvas[: eos_at + 1]
+                if eos:
                     g.finish_reason = "eos"
                     finished.append(s)
                 else:
-                    g.tokens += canvas
                     (finished if canvases_left[s] == 0 else to_commit).append(s)
             if to_commit:
                 self.commit(to_commit)

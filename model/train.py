@@ -122,14 +122,14 @@ def save(model, tok, out: Path) -> None:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "embedded")
-    ap.add_argument("--steps", type=int, default=6500)
+    ap.add_argument("--steps", type=int, default=10500)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--lr", type=float, default=1.5e-3)
     ap.add_argument("--warmup", type=int, default=100)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--init", type=Path, help="warm-start from this checkpoint instead of random weights")
-    ap.add_argument("--english-share", type=float, default=0.1, help="fraction of batches of English passages")
+    ap.add_argument("--english-share", type=float, default=0.05, help="fraction of batches of English passages")
     ap.add_argument(
         "--task-weights",
         default=",".join(map(str, tasks.DEFAULT_WEIGHTS)),

@@ -1,0 +1,254 @@
+"""The step-level batcher (serving/engine.py) on a tiny random checkpoint, in a real asyncio loop.
+
+The reference for every output is the denoiser's own `generate` on the request alone: a request's tokens
+with a fixed seed must not depend on what it was batched with, when it joined, or who was cancelled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from model.config import SamplerSettings
+from model.denoiser import Denoiser, Request
+from model.weights import load_network
+from serving.engine import Engine
+from serving.request import CanvasEvent, DraftEvent, ErrorEvent, FinalEvent, GenerateRequest, InvalidRequest, Overloaded
+
+CONTEXT = 64
+
+
+@pytest.fixture(scope="module")
+def net(window):
+    return load_network(str(window.path))[0]
+
+
+def requests(net) -> list[GenerateRequest]:
+    """Different prompts, lengths, step caps and sampler settings (adaptive stop on for some)."""
+    C = net.config.canvas_length
+    return [
+        GenerateRequest([2, 5, 6, 7, 8, 9], 3 * C, SamplerSettings(max_denoising_steps=4), seed=42),
+        GenerateRequest([2, 3], 2 * C, SamplerSettings(max_denoising_steps=2), seed=1),
+        GenerateRequest([2, 7, 7, 7], 4 * C, SamplerSettings(max_denoising_steps=6, t_max=1.2, entropy_bound=0.5), 2),
+        GenerateRequest(
+            [2, 9], C, SamplerSettings(max_denoising_steps=5, stability_threshold=0, confidence_threshold=9.0), 3
+        ),
+        GenerateRequest([2, 11, 12, 13], 2 * C, SamplerSettings(max_denoising_steps=3, confidence_threshold=None), 4),
+    ]
+
+
+def alone(net, r: GenerateRequest):
+    d = Denoiser(net, slots=1, max_context=CONTEXT, eos_token_ids=())
+    return d.generate([Request(r.prompt, r.max_new_tokens, r.settings, r.seed)])[0]
+
+
+def make_engine(net, slots=4, **kw) -> Engine:
+    d = Denoiser(net, slots=slots, max_context=CONTEXT, eos_token_ids=())
+    return Engine(d, registry=CollectorRegistry(), **kw)
+
+
+async def collect(stream) -> tuple[list[int], list, FinalEvent | ErrorEvent]:
+    tokens, events = [], []
+    async for e in stream:
+        events.append(e)
+        if isinstance(e, CanvasEvent):
+            tokens += e.tokens
+    return tokens, events, events[-1]
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, timeout=120))
+
+
+def test_outputs_match_running_alone_whether_batched_or_joining_mid_flight(net):
+    reqs = requests(net)
+    expected = [alone(net, r) for r in reqs]
+
+    async def main():
+        engine = make_engine(net, slots=3)  # five requests, three slots: two wait and join mid-flight
+        engine.start()
+        first = [engine.submit(r) for r in reqs[:3]]
+        while engine.iterations < 2:  # the first three are already stepping when the rest arrive
+            await asyncio.sleep(0.001)
+        late = [engine.submit(r) for r in reqs[3:]]
+        results = await asyncio.gather(*(collect(s) for s in first + late))
+        await engine.stop()
+        return engine, results
+
+    engine, results = run(main())
+    for r, exp, (tokens, _, final) in zip(reqs, expected, results):
+        assert isinstance(final, FinalEvent)
+        assert tokens == exp.tokens
+        assert final.usage.steps_per_canvas == exp.steps
+        assert final.finish_reason == exp.finish_reason
+        assert final.usage.prompt_tokens == len(r.prompt)
+        assert final.usage.generated_tokens == len(exp.tokens)
+        assert final.usage.canvases == len(exp.steps)
+        assert final.usage.time_to_first_canvas_s <= final.usage.total_time_s
+    assert expected[3].steps == [1]  # the adaptive stop fired: that row left the batch early
+    assert engine.load().free_slots == 3
+    # Rows at different steps shared forwards: fewer forwards than running the requests one by one.
+    one_by_one = sum(len(e.steps) + sum(e.steps) for e in expected)
+    assert engine.forwards < one_by_one
+
+
+def test_drafts_stream_every_step_and_end_in_the_committed_canvas(net):
+    r = requests(net)[0]
+    r.stream_drafts = True
+    exp = alone(net, r)
+
+    async def main():
+        engine = make_engine(net)
+        engine.start()
+        out = await collect(engine.submit(r))
+        await engine.stop()
+        return out
+
+    tokens, events, final = run(main())
+    drafts = [e for e in events if isinstance(e, DraftEvent)]
+    assert len(drafts) == sum(exp.steps)
+    assert [d.step for d in drafts if d.canvas_index == 0] == list(range(1, exp.steps[0] + 1))
+    canvases = [e for e in events if isinstance(e, CanvasEvent)]
+    last_drafts = [max((d for d in drafts if d.canvas_index == c.index), key=lambda d: d.step) for c in canvases]
+    assert [d.tokens for d in last_drafts] == [c.tokens for c in canvases]
+    assert tokens == exp.tokens and isinstance(final, FinalEvent)
+
+
+def test_cancelling_one_request_frees_its_slot_and_leaves_the_others_unchanged(net):
+    reqs = requests(net)
+    victim = GenerateRequest([2, 4, 4], 8 * net.config.canvas_length, SamplerSettings(max_denoising_steps=6), seed=9)
+    expected = [alone(net, r) for r in reqs[:3]]
+
+    async def main():
+        engine = make_engine(net, slots=4)
+        engine.start()
+        streams = [engine.submit(r) for r in reqs[:2]]
+        v = engine.submit(victim)
+        streams.append(engine.submit(reqs[2]))
+        async for e in v:  # cancel once the victim has committed its first canvas
+            if isinstance(e, CanvasEvent):
+                assert engine.cancel(victim.request_id)
+                break
+        v_rest = [e async for e in v]
+        results = await asyncio.gather(*(collect(s) for s in streams))
+        load = engine.load()
+        await engine.stop()
+        return v_rest, results, load
+
+    v_rest, results, load = run(main())
+    assert isinstance(v_rest[-1], FinalEvent) and v_rest[-1].finish_reason == "cancelled"
+    assert v_rest[-1].usage.canvases < 8
+    for exp, (tokens, _, final) in zip(expected, results):
+        assert tokens == exp.tokens and final.finish_reason == "length"
+    assert load.free_slots == 4 and load.live_requests == 0
+
+
+def test_leaving_the_stream_early_cancels_the_request(net):
+    long = GenerateRequest([2, 4], 8 * net.config.canvas_length, SamplerSettings(max_denoising_steps=6), seed=5)
+
+    async def main():
+        engine = make_engine(net, slots=2)
+        engine.start()
+        async with engine.submit(long) as stream:
+            async for e in stream:
+                if isinstance(e, CanvasEvent):
+                    break
+        for _ in range(100):  # the slot is freed at the next iteration
+            if engine.load().free_slots == 2:
+                break
+            await asyncio.sleep(0.01)
+        load = engine.load()
+        await engine.stop()
+        return load
+
+    load = run(main())
+    assert load.free_slots == 2 and load.outstanding_steps == 0
+
+
+class FaultyDenoiser(Denoiser):
+    """Raises whenever a poisoned slot is in a denoising batch (stands in for a bad row on a device)."""
+
+    poisoned: set[int] = set()
+
+    def step(self, slots):
+        if self.poisoned & set(slots):
+            raise RuntimeError("poisoned row")
+        return super().step(slots)
+
+
+def test_an_exception_in_one_request_fails_only_that_request(net):
+    reqs = requests(net)[:3]
+    expected = [alone(net, r) for r in reqs]
+
+    async def main():
+        d = FaultyDenoiser(net, slots=4, max_context=CONTEXT, eos_token_ids=())
+        d.poisoned = {1}  # the second admitted request gets slot 1
+        engine = Engine(d, registry=CollectorRegistry())
+        engine.start()
+        streams = [engine.submit(r) for r in reqs]
+        results = await asyncio.gather(*(collect(s) for s in streams))
+        d.poisoned = set()
+        after = await collect(engine.submit(reqs[1]))  # the loop is still alive and serves the next request
+        await engine.stop()
+        return results, after
+
+    results, after = run(main())
+    assert isinstance(results[1][2], ErrorEvent) and "poisoned row" in results[1][2].message
+    for i in (0, 2):
+        assert results[i][0] == expected[i].tokens and isinstance(results[i][2], FinalEvent)
+    assert after[0] == expected[1].tokens
+
+
+def test_requests_that_cannot_fit_are_refused_and_a_full_queue_overloads(net):
+    C = net.config.canvas_length
+
+    async def main():
+        engine = make_engine(net, slots=1, max_queue=2)
+        with pytest.raises(InvalidRequest, match="max_new_tokens") as too_long:
+            engine.submit(GenerateRequest([2] * 50, 4 * C))
+        assert too_long.value.field == "max_new_tokens"
+        with pytest.raises(InvalidRequest, match="prompt"):
+            engine.submit(GenerateRequest([], C))
+        with pytest.raises(InvalidRequest, match="prompt"):
+            engine.submit(GenerateRequest([2, net.config.vocab_size], C))
+        with pytest.raises(InvalidRequest, match="stability_threshold"):
+            engine.submit(GenerateRequest([2], C, SamplerSettings(stability_threshold=99)))
+        # Not started: nothing leaves the queue, so the third request overloads it.
+        a = engine.submit(GenerateRequest([2, 3], C, SamplerSettings(max_denoising_steps=2), seed=1))
+        engine.submit(GenerateRequest([2, 3], 2 * C, SamplerSettings(max_denoising_steps=3), seed=2))
+        with pytest.raises(Overloaded) as over:
+            engine.submit(GenerateRequest([2, 3], C))
+        assert over.value.retry_after_s > 0
+        load = engine.load()
+        assert (load.queue_depth, load.outstanding_steps, load.free_slots) == (2, 2 + 2 * 3, 1)
+        engine.start()
+        tokens, _, final = await collect(a)
+        await engine.stop()
+        return tokens, final
+
+    tokens, final = run(main())
+    assert isinstance(final, FinalEvent) and len(tokens) == C
+
+
+def all_at_once(net, reqs: list[GenerateRequest], **engine_kw) -> list[list[int]]:
+    async def main():
+        engine = make_engine(net, **engine_kw)
+        engine.start()
+        results = await asyncio.gather(*(collect(engine.submit(r)) for r in reqs))
+        await engine.stop()
+        return [tokens for tokens, _, _ in results]
+
+    return run(main())
+
+
+def test_row_buckets_pad_with_a_scratch_slot_and_change_nothing(net):
+    reqs = requests(net)[:3]
+    # 3 rows padded to 4 with slot 4, the scratch slot
+    assert all_at_once(net, reqs, slots=5, row_buckets=(4,)) == [alone(net, r).tokens for r in reqs]
+
+
+def test_more_live_requests_than_batch_rows_all_finish_in_turn(net):
+    reqs = requests(net)
+    assert all_at_once(net, reqs, slots=5, max_batch_rows=2) == [alone(net, r).tokens for r in reqs]
