@@ -52,7 +52,13 @@ class Denoiser:
         eos_token_ids: tuple[int, ...] = (1,),
         max_stability: int = 4,
         max_chunk_tokens: int = 4096,
+        static_shapes: bool = False,
+        compile: bool = False,
     ):
+        """static_shapes: the denoising forward attends over the whole cache capacity with a mask and always
+        takes the soft embedding (zeros on a first step, which is exact), so its shapes depend on the row count
+        only; compile (implies static_shapes): torch.compile that forward, with CUDA graphs on a GPU. A batcher
+        then pads rows to a few bucket sizes so each compiled graph is reused."""
         self.net = network
         c = network.config
         dev = network.device
@@ -80,6 +86,14 @@ class Denoiser:
         self.bound = torch.zeros(slots, **f32)
         self.confidence = torch.zeros(slots, **f32)
         self._buffers: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.static_shapes = static_shapes or compile
+        self._denoise = network.denoise
+        if compile:
+            # The per-expert loop branches on routed-token counts (a graph break per layer); grouped_mm gives
+            # the same results without leaving the graph.
+            network.use_grouped_mm = True
+            mode = "reduce-overhead" if dev.type == "cuda" else None  # reduce-overhead = CUDA graphs
+            self._denoise = torch.compile(network.denoise, mode=mode, dynamic=False)
 
     # ---------------------------------------------------------------- step-level API
 
@@ -138,11 +152,17 @@ class Denoiser:
     def step(self, slots: list[int]) -> StepResult:
         """One denoising step for each slot: a denoise forward, then the sampler."""
         idx = torch.tensor(slots, dtype=torch.int64, device=self.net.device)
-        soft = self.soft[idx] if bool(self.has_soft[idx].any()) else None
-        hidden = self.net.denoise(self.cache, idx, self.canvas[idx], soft)
+        if self.static_shapes:
+            soft = self.soft[idx]
+        else:  # skip the self-conditioning MLP when every row is on its first step
+            soft = self.soft[idx] if bool(self.has_soft[idx].any()) else None
+        hidden = self._denoise(self.cache, idx, self.canvas[idx], soft, static=self.static_shapes)
         step = self.step_index[idx]
         temp = temperature(step, self.cap[idx], self.t_min[idx], self.t_max[idx])
-        entropy, sample, argmax, soft_new = self._vocab_pass(hidden, temp, idx, step)
+        # A row on the last step its cap allows is committed after it: its soft embedding (half the vocabulary
+        # GEMMs of a step) would never be read. The compiled path keeps one shape and computes it anyway.
+        needs_soft = None if self.static_shapes else (step + 1 < self.cap[idx]).cpu()
+        entropy, sample, argmax, soft_new = self._vocab_pass(hidden, temp, idx, step, needs_soft)
         history = self.history[idx]
         d = decide(
             entropy,
@@ -175,9 +195,17 @@ class Denoiser:
 
     # ---------------------------------------------------------------- the vocabulary pass
 
-    def _vocab_pass(self, hidden: torch.Tensor, temp: torch.Tensor, idx: torch.Tensor, step: torch.Tensor):
+    def _vocab_pass(
+        self,
+        hidden: torch.Tensor,
+        temp: torch.Tensor,
+        idx: torch.Tensor,
+        step: torch.Tensor,
+        needs_soft: torch.Tensor | None = None,
+    ):
         """LM head, softcap, temperature, entropy, argmax, soft embedding and sample, tiled over tokens so that
-        at most two [tile, V] fp32 buffers (together one [rows, canvas, V]) exist at any time."""
+        at most two [tile, V] fp32 buffers (together one [rows, canvas, V]) exist at any time. Rows whose
+        `needs_soft` (CPU bool [B]) is False get a zero soft embedding instead of the product."""
         c = self.config
         b, C, h = hidden.shape
         n_tok = b * C
@@ -194,6 +222,7 @@ class Denoiser:
         sample = torch.empty(n_tok, dtype=torch.int64, device=hidden.device)
         argmax = torch.empty(n_tok, dtype=torch.int64, device=hidden.device)
         soft = torch.empty(n_tok, h, device=hidden.device)
+        wanted = None if needs_soft is None or bool(needs_soft.all()) else needs_soft.repeat_interleave(C)
         low = self.net.dtype != torch.float32
         for s in range(0, n_tok, tile):
             e = min(n_tok, s + tile)
@@ -210,7 +239,12 @@ class Denoiser:
             top, argmax[s:e] = logits.max(-1)
             logits.sub_(top[:, None]).mul_(scale[s:e, None])
             entropy[s:e] = entropy_and_probs(logits, probs)
-            if low:
+            rows = None if wanted is None else wanted[s:e].nonzero().squeeze(1).to(hidden.device)
+            if rows is not None and len(rows) < n:
+                soft[s:e] = 0.0
+                if len(rows):
+                    soft[s + rows] = (probs[rows].to(self.net.dtype) @ embed).float()
+            elif low:
                 p_low = logit_buf.view(-1).view(self.net.dtype)[: n * vocab].view(n, vocab)
                 p_low.copy_(probs)
                 soft[s:e] = (p_low @ embed).float()

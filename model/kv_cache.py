@@ -46,16 +46,22 @@ class KVCache:
 
     # ---------------------------------------------------------------- attention
 
-    def attention_plan(self, layer: int, pos, n: int, causal: bool) -> tuple:
-        """Everything about a layer kind's attention that does not depend on the layer: key count and mask."""
+    def attention_plan(self, layer: int, pos, n: int, causal: bool, static: bool = False) -> tuple:
+        """Everything about a layer kind's attention that does not depend on the layer: key count and mask.
+
+        static (denoise only): attend over the whole cache capacity with a mask instead of the longest row's
+        context, so the shapes depend on the row count alone and nothing waits on the device (compiled graphs)."""
         sliding = self.config.is_sliding(layer)
         device = pos.start.device
         start = pos.start
         if not causal:  # denoise: [cached context of the row | canvas], bidirectional
             ctx = torch.clamp(start, max=self.ring) if sliding else start
-            n_ctx = int(ctx.max())
-            if bool((ctx == n_ctx).all()):
-                return n_ctx, None
+            if static:
+                n_ctx = self.ring if sliding else self.max_context
+            else:
+                n_ctx = int(ctx.max())
+                if bool((ctx == n_ctx).all()):
+                    return n_ctx, None
             idx = torch.arange(n_ctx + n, device=device)
             mask = (idx[None, :] < ctx[:, None]) | (idx[None, :] >= n_ctx)
             return n_ctx, mask[:, None, None, :]

@@ -157,11 +157,13 @@ class Network:
         slots: torch.Tensor,
         canvas: torch.Tensor,
         soft_embedding: torch.Tensor | None,
+        static: bool = False,
     ) -> torch.Tensor:
         """One bidirectional pass over canvases [B, C]; returns final-normed hidden states [B, C, H] fp32.
 
         soft_embedding [B, C, H] is the previous step's probabilities @ embedding * scale (zeros for a row on
         its first step, which gives exactly the signal transformers gives when it has no logits to feed back).
+        static: shapes that depend on the row count only (see KVCache.attention_plan), for compiled graphs.
         """
         c = self.config
         b, n = canvas.shape
@@ -173,7 +175,7 @@ class Network:
         x = rms(x, c.rms_norm_eps)  # post-norm without a scale
         start = cache.lengths[slots]
         pos = Positions(slots, start, torch.full_like(start, n))
-        x = self._layers(x, pos, cache, causal=False)
+        x = self._layers(x, pos, cache, causal=False, static=static)
         return rms(x, c.rms_norm_eps) * self.w.final_norm.float()
 
     # ---------------------------------------------------------------- heads
@@ -208,7 +210,9 @@ class Network:
         emb = torch.cat((freqs, freqs), dim=-1)[:, :, None, :]
         return emb.cos(), emb.sin()
 
-    def _layers(self, x: torch.Tensor, pos: Positions, cache: KVCache, causal: bool) -> torch.Tensor:
+    def _layers(
+        self, x: torch.Tensor, pos: Positions, cache: KVCache, causal: bool, static: bool = False
+    ) -> torch.Tensor:
         c = self.config
         n = x.shape[1]
         rope = {kind: self._rope(kind, pos, n) for kind in self.inv_freq}
@@ -216,7 +220,7 @@ class Network:
         for i, lw in enumerate(self.w.layers):
             kind = c.layer_types[i]
             if kind not in masks:
-                masks[kind] = cache.attention_plan(i, pos, n, causal)
+                masks[kind] = cache.attention_plan(i, pos, n, causal, static)
             x = self._layer(i, lw, x, rope[kind], masks[kind], pos, cache, causal)
         return x
 

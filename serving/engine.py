@@ -144,6 +144,7 @@ class Engine:
         self._busy_since: float | None = None
         self.iterations = 0
         self.forwards = 0
+        self._iteration_s = 0.0  # moving average of one iteration's wall time
 
     # ---------------------------------------------------------------- public API
 
@@ -225,8 +226,10 @@ class Engine:
             raise RuntimeError(f"one engine iteration has run for over {self.stuck_after_s:.0f} s")
 
     def retry_after_s(self) -> float:
-        """A retry hint for overload: roughly how long the queue ahead takes to drain, from the recent pace."""
-        return max(1.0, min(60.0, self.load().queue_depth * 0.25))
+        """A retry hint for overload: the time the outstanding denoising steps take at the recent pace (the
+        mean iteration time, with up to `max_batch_rows` row-steps per iteration), between 1 and 60 s."""
+        rows = self.scheduler.max_batch_rows
+        return max(1.0, min(60.0, self.load().outstanding_steps / rows * self._iteration_s))
 
     # ---------------------------------------------------------------- the loop
 
@@ -243,7 +246,7 @@ class Engine:
             for job in plan.admit:
                 job.admitted = now
                 self.metrics.queue_time.labels(self.name).observe(now - job.arrived)
-            self._busy_since = time.monotonic()
+            self._busy_since = began = time.monotonic()
             try:
                 outcome = await loop.run_in_executor(self._executor, self._execute, plan)
             except Exception as exc:  # outside per-row isolation (a bug): fail this plan's rows, keep serving
@@ -252,6 +255,7 @@ class Engine:
                 self._busy_since = None
             self._apply(plan, outcome)
             self.iterations += 1
+            self._iteration_s += 0.1 * (time.monotonic() - began - self._iteration_s)
             m = self.metrics
             m.queue_depth.labels(self.name).set(len(self.scheduler.queue))
             m.occupancy.labels(self.name).set(len(self.scheduler.live) / self.scheduler.slots)
@@ -263,8 +267,11 @@ class Engine:
         d = self.denoiser
         out = Outcome()
         for job in plan.admit:
-            d.admit(job.slot, job.request.settings, job.request.seed)
-        encode = plan.prefill + plan.commit
+            try:
+                d.admit(job.slot, job.request.settings, job.request.seed)
+            except Exception as exc:
+                out.failed[job.request.request_id] = exc
+        encode = [j for j in plan.prefill + plan.commit if j.request.request_id not in out.failed]
 
         def run_encode(jobs: list[Job]) -> list[None]:
             pre = [j for j in jobs if j.phase == "prefill"]

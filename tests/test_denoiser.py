@@ -89,3 +89,18 @@ def test_bad_requests_are_refused(net):
         d.generate([Request([2], 8, STEPS)] * 2)
     with pytest.raises(ValueError, match="t_min"):
         SamplerSettings(t_min=0.9, t_max=0.8)
+
+
+def test_static_shapes_give_the_same_outputs(net):
+    """The compile-friendly path (attention over the whole cache capacity with a mask, soft embedding always
+    passed) changes no token: rows of different context lengths, several canvases, different settings."""
+    C = net.config.canvas_length
+    reqs = [
+        Request([2, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14], 3 * C, SamplerSettings(max_denoising_steps=4), seed=42),
+        Request([2, 3], 2 * C, SamplerSettings(max_denoising_steps=2), seed=1),
+        Request([2, 7, 7, 7], 4 * C, SamplerSettings(max_denoising_steps=5, entropy_bound=0.5), seed=2),
+    ]
+    eager = Denoiser(net, slots=3, max_context=64, eos_token_ids=()).generate(reqs)
+    static = Denoiser(net, slots=3, max_context=64, eos_token_ids=(), static_shapes=True).generate(reqs)
+    assert [g.tokens for g in static] == [g.tokens for g in eager]
+    assert [g.steps for g in static] == [g.steps for g in eager]

@@ -44,9 +44,9 @@ def alone(net, r: GenerateRequest):
     return d.generate([Request(r.prompt, r.max_new_tokens, r.settings, r.seed)])[0]
 
 
-def make_engine(net, slots=4, **kw) -> Engine:
+def make_engine(net, slots=4, registry=None, **kw) -> Engine:
     d = Denoiser(net, slots=slots, max_context=CONTEXT, eos_token_ids=())
-    return Engine(d, registry=CollectorRegistry(), **kw)
+    return Engine(d, registry=registry or CollectorRegistry(), **kw)
 
 
 async def collect(stream) -> tuple[list[int], list, FinalEvent | ErrorEvent]:
@@ -66,8 +66,10 @@ def test_outputs_match_running_alone_whether_batched_or_joining_mid_flight(net):
     reqs = requests(net)
     expected = [alone(net, r) for r in reqs]
 
+    registry = CollectorRegistry()
+
     async def main():
-        engine = make_engine(net, slots=3)  # five requests, three slots: two wait and join mid-flight
+        engine = make_engine(net, slots=3, registry=registry)  # five requests, three slots: two join mid-flight
         engine.start()
         first = [engine.submit(r) for r in reqs[:3]]
         while engine.iterations < 2:  # the first three are already stepping when the rest arrive
@@ -92,6 +94,17 @@ def test_outputs_match_running_alone_whether_batched_or_joining_mid_flight(net):
     # Rows at different steps shared forwards: fewer forwards than running the requests one by one.
     one_by_one = sum(len(e.steps) + sum(e.steps) for e in expected)
     assert engine.forwards < one_by_one
+    # The metrics saw every canvas, every row-step and every request.
+    metric = lambda name, **labels: registry.get_sample_value(name, {"engine": "default", **labels})
+    steps = [s for e in expected for s in e.steps]
+    assert metric("dgs_steps_per_canvas_count") == len(steps)
+    assert metric("dgs_steps_per_canvas_sum") == sum(steps)
+    assert metric("dgs_batch_rows_sum") == sum(steps)  # each denoising row-step is one row of one forward
+    assert metric("dgs_batch_rows_count") < sum(steps)
+    assert metric("dgs_queue_time_seconds_count") == len(reqs)
+    assert metric("dgs_time_to_first_canvas_seconds_count") == len(reqs)
+    assert metric("dgs_requests_total", outcome="length") == len(reqs)
+    assert metric("dgs_queue_depth") == 0 and metric("dgs_batch_occupancy") == 0
 
 
 def test_drafts_stream_every_step_and_end_in_the_committed_canvas(net):
