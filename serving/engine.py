@@ -271,7 +271,7 @@ class Engine:
                 d.admit(job.slot, job.request.settings, job.request.seed)
             except Exception as exc:
                 out.failed[job.request.request_id] = exc
-        encode = [j for j in plan.prefill + plan.commit if j.request.request_id not in out.failed]
+        encode = [j for j in plan.admit + plan.commit if j.request.request_id not in out.failed]
 
         def run_encode(jobs: list[Job]) -> list[None]:
             pre = [j for j in jobs if j.phase == "prefill"]
@@ -440,4 +440,4 @@ class Engine:
 
 def _unique(plan: Plan) -> list[Job]:
     """The plan's jobs, each once (a committed or new row is also a stepping row)."""
-    return list({j.request.request_id: j for j in plan.prefill + plan.commit + plan.denoise}.values())
+    return list({j.request.request_id: j for j in plan.admit + plan.commit + plan.denoise}.values())

@@ -67,10 +67,10 @@ class Load:
 
 @dataclass
 class Plan:
-    """One iteration: who gets a slot, whose prompt or committed canvas is encoded, who takes a step."""
+    """One iteration: who gets a slot (and so has its prompt encoded), whose committed canvas is encoded,
+    who takes a step."""
 
     admit: list[Job]
-    prefill: list[Job]
     commit: list[Job]
     denoise: list[Job]  # includes the rows prefill/commit start in this iteration
 
@@ -112,7 +112,7 @@ class Scheduler:
         commit = [j for j in self.live.values() if j.phase == "commit"]
         stepping = [j for j in self.live.values() if j.phase == "denoise"] + admit + commit
         stepping.sort(key=lambda j: (j.last_stepped, j.steps_left()))
-        return Plan(admit, list(admit), commit, stepping[: self.max_batch_rows])
+        return Plan(admit, commit, stepping[: self.max_batch_rows])
 
     def release(self, job: Job) -> None:
         """The job is over: its slot is free for the next iteration's admissions."""
@@ -125,7 +125,7 @@ class Scheduler:
         queued = sum(j.canvases_total * j.cap for j in self.queue)
         return Load(
             outstanding_steps=sum(j.steps_left() for j in live) + queued,
-            live_canvases=sum(j.phase in ("denoise", "commit", "prefill") for j in live),
+            live_canvases=len(live),  # a live request always has exactly one canvas in flight
             free_slots=len(self.free),
             queue_depth=len(self.queue),
             live_requests=len(live),
