@@ -1,0 +1,135 @@
+"""The application's configuration: the model, the tiers and the pools of Denoiser replicas behind them.
+
+This is the `args:` block of deploy/config.yaml (validated here, so a typo fails `serve run` with a message
+naming the field). A tier is a named point on the speed/quality curve: default sampler settings, the limits
+a request may override them within, and the pool that serves it. A pool is one Denoiser deployment (replica
+count, slots, context, devices); several tiers may share a pool, because a replica's batcher mixes requests
+with different sampler settings in one forward.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from model.config import SamplerSettings
+from serving.request import InvalidRequest
+
+DEFAULT_CONFIDENCE = 0.005  # transformers' default, used when a request turns adaptive stopping on
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Range(Strict):
+    min: float
+    max: float
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Range:
+        if self.min > self.max:
+            raise ValueError(f"min {self.min} > max {self.max}")
+        return self
+
+
+class Sampler(Strict):
+    """Default sampler settings of a tier (the fields of model.config.SamplerSettings)."""
+
+    max_denoising_steps: int = Field(16, ge=1, le=256)
+    entropy_bound: float = Field(0.1, gt=0)
+    t_min: float = Field(0.4, ge=0)
+    t_max: float = Field(0.8, gt=0)
+    stability_threshold: int = Field(1, ge=0, le=4)
+    confidence_threshold: float | None = Field(0.005, gt=0)  # None: fixed steps
+
+    def settings(self) -> SamplerSettings:
+        return SamplerSettings(**self.model_dump())
+
+
+class Limits(Strict):
+    """What a request may override within this tier; an unset limit means the tier's value is fixed."""
+
+    max_denoising_steps: Range | None = None
+    entropy_bound: Range | None = None
+    t_min: Range | None = None
+    t_max: Range | None = None
+    stability_threshold: Range | None = None
+    confidence_threshold: Range | None = None
+    adaptive_stop: bool = True  # may a request turn adaptive stopping off (or on)?
+
+
+class Tier(Strict):
+    pool: str
+    sampler: Sampler = Sampler()
+    limits: Limits = Limits()
+    description: str = ""
+
+    def resolve(self, name: str, overrides: dict[str, float | int | bool | None]) -> SamplerSettings:
+        """The tier's settings with a request's overrides (None = not given) applied, or InvalidRequest
+        naming the field and the limit it broke."""
+        values = self.sampler.model_dump()
+        for field, value in overrides.items():
+            if value is None:
+                continue
+            if field == "adaptive_stop":
+                adaptive = values["confidence_threshold"] is not None
+                if bool(value) != adaptive and not self.limits.adaptive_stop:
+                    raise InvalidRequest(field, f"tier {name!r} does not allow changing adaptive stopping")
+                if not value:
+                    values["confidence_threshold"] = None
+                elif not adaptive:
+                    values["confidence_threshold"] = DEFAULT_CONFIDENCE
+                continue
+            limit = getattr(self.limits, field, None)
+            if field not in values:
+                raise InvalidRequest(field, "is not a sampler setting")
+            if limit is None:
+                raise InvalidRequest(field, f"is fixed at {values[field]} in tier {name!r}")
+            if not limit.min <= value <= limit.max:
+                raise InvalidRequest(field, f"must be within [{limit.min:g}, {limit.max:g}] in tier {name!r}")
+            values[field] = value
+        try:
+            return SamplerSettings(**values)
+        except ValueError as exc:  # a combination that is invalid as a whole (t_min >= t_max)
+            raise InvalidRequest(str(exc).split(" ", 1)[0], str(exc)) from exc
+
+
+class Pool(Strict):
+    """One Denoiser deployment."""
+
+    replicas: int = Field(1, ge=1)
+    slots: int = Field(16, ge=1)  # requests live at once per replica (KV-cache slots)
+    max_context: int = Field(1024, ge=16)  # tokens per slot: prompt plus all canvases but the last
+    max_queue: int = Field(64, ge=0)  # waiting requests per replica before 429 / RESOURCE_EXHAUSTED
+    max_batch_rows: int | None = Field(None, ge=1)
+    num_gpus: float = Field(0, ge=0)
+    num_cpus: float = Field(1, ge=0)
+    threads: int | None = Field(None, ge=1)  # torch threads on CPU (Ray sets OMP_NUM_THREADS=1 otherwise)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: the checkpoint's own
+    compile: bool = False  # torch.compile + CUDA graphs on GPU, with row buckets
+
+
+class AppConfig(Strict):
+    model: str = "embedded"  # "embedded" (the shipped checkpoint), a checkpoint folder or a hub id
+    default_tier: str = "balanced"
+    tiers: dict[str, Tier]
+    pools: dict[str, Pool]
+    max_prompt_tokens: int = Field(1024, ge=1)
+    max_new_tokens: int | None = Field(None, ge=1)  # default length cap; None: the checkpoint's
+
+    @model_validator(mode="after")
+    def _consistent(self) -> AppConfig:
+        if not self.tiers:
+            raise ValueError("tiers: at least one tier is needed")
+        if self.default_tier not in self.tiers:
+            raise ValueError(f"default_tier {self.default_tier!r} is not one of the tiers {sorted(self.tiers)}")
+        for name, tier in self.tiers.items():
+            if tier.pool not in self.pools:
+                raise ValueError(f"tiers.{name}.pool {tier.pool!r} is not one of the pools {sorted(self.pools)}")
+        unused = set(self.pools) - {t.pool for t in self.tiers.values()}
+        if unused:
+            raise ValueError(f"pools {sorted(unused)} serve no tier")
+        return self
