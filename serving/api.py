@@ -1,0 +1,116 @@
+"""HTTP request bodies: OpenAI-compatible completions and chat completions, and the native generate call.
+
+Unknown fields and OpenAI fields we do not implement are refused with a 400 naming the field (never silently
+ignored). The diffusion controls (tier and sampler overrides) are accepted as extra top-level fields on the
+OpenAI routes too, and an `x-tier` header names the tier when the body does not.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+# OpenAI fields that exist but that this server does not implement, with the value that means "not used".
+UNSUPPORTED_OPENAI = {
+    "temperature": None,  # the denoiser's temperature follows its t_max -> t_min schedule; use t_min / t_max
+    "top_p": None,
+    "n": 1,
+    "best_of": None,
+    "stop": None,
+    "logprobs": None,
+    "top_logprobs": None,
+    "echo": False,
+    "presence_penalty": None,
+    "frequency_penalty": None,
+    "logit_bias": None,
+    "suffix": None,
+    "tools": None,
+    "tool_choice": None,
+    "response_format": None,
+    "stream_options": None,
+}
+
+
+class Diffusion(BaseModel):
+    """The diffusion controls, shared by every route."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    tier: str | None = None
+    seed: int | None = Field(None, ge=0, lt=2**62)
+    max_denoising_steps: int | None = Field(None, ge=1)
+    entropy_bound: float | None = Field(None, gt=0)
+    t_min: float | None = Field(None, ge=0)
+    t_max: float | None = Field(None, gt=0)
+    stability_threshold: int | None = Field(None, ge=0)
+    confidence_threshold: float | None = Field(None, gt=0)
+    adaptive_stop: bool | None = None
+
+    def overrides(self) -> dict:
+        keys = ("max_denoising_steps", "entropy_bound", "t_min", "t_max", "stability_threshold")
+        out = {k: getattr(self, k) for k in keys}
+        out["confidence_threshold"] = self.confidence_threshold
+        out["adaptive_stop"] = self.adaptive_stop
+        return out
+
+
+class OpenAIOptions(Diffusion):
+    model: str | None = None
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    stream: bool = False
+    user: str | None = None
+    # accepted only with their "unused" value, see UNSUPPORTED_OPENAI
+    temperature: float | None = None
+    top_p: float | None = None
+    n: int = 1
+    best_of: int | None = None
+    stop: str | list[str] | None = None
+    logprobs: bool | int | None = None
+    top_logprobs: int | None = None
+    echo: bool = False
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict | None = None
+    suffix: str | None = None
+    tools: list | None = None
+    tool_choice: str | dict | None = None
+    response_format: dict | None = None
+    stream_options: dict | None = None
+
+    def unsupported(self) -> str | None:
+        """The first OpenAI field set to something this server does not do."""
+        for name, unused in UNSUPPORTED_OPENAI.items():
+            if getattr(self, name) != unused:
+                return name
+        return None
+
+    def length(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+
+class CompletionBody(OpenAIOptions):
+    prompt: str | list[int] = Field(..., description="text used as is (no chat template) or token ids")
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class ChatBody(OpenAIOptions):
+    messages: list[Message] = Field(..., min_length=1)
+
+
+class GenerateBody(Diffusion):
+    """POST /v1/generate: exactly one of text (chat template applied), prompt (as is) or token_ids."""
+
+    text: str | None = None
+    prompt: str | None = None
+    token_ids: list[int] | None = None
+    max_new_tokens: int | None = Field(None, ge=1)
+    stream: bool = False
+    stream_drafts: bool = False

@@ -1,0 +1,105 @@
+"""The Denoiser deployment: one replica per GPU (or a CPU process), hosting one engine.
+
+The router calls `generate` through a DeploymentHandle with `stream=True` and gets the engine's events back
+one by one (token ids only). Refusals travel as events too (`Refusal`), not exceptions, so the router can map
+them to 400 / 429 and INVALID_ARGUMENT / RESOURCE_EXHAUSTED without unwrapping Ray errors. When the caller
+goes away (client disconnect, deadline), Serve cancels this generator and leaving the stream cancels the
+request in the engine, which frees its slot at the next iteration.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import torch
+from ray import serve
+
+from model.config import SamplerSettings
+from model.denoiser import Denoiser
+from model.weights import EMBEDDED, load_network
+from serving.config import Pool
+from serving.engine import Engine
+from serving.request import Event, GenerateRequest, InvalidRequest, Overloaded
+
+log = logging.getLogger("ray.serve")
+
+ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+
+
+@dataclass(frozen=True)
+class Refusal:
+    kind: str  # "invalid" or "overloaded"
+    message: str
+    field: str | None = None
+    retry_after_s: float | None = None
+
+
+def resolve_model(model: str) -> str:
+    return str(EMBEDDED) if model == "embedded" else model
+
+
+def device_for(pool: Pool) -> torch.device:
+    if pool.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(pool.device)
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 1}, max_ongoing_requests=1024)
+class DenoiserServer:
+    async def __init__(self, model: str, pool: dict, pool_name: str = "default"):
+        spec = Pool(**pool)
+        if spec.threads:
+            torch.set_num_threads(spec.threads)
+        device = device_for(spec)
+        dtype = None if spec.dtype == "auto" else getattr(torch, spec.dtype)
+        net, ckpt = load_network(resolve_model(model), device=device, dtype=dtype)
+        self.generation = ckpt.generation
+        buckets = ROW_BUCKETS if spec.compile else None
+        slots = spec.slots + (1 if buckets else 0)  # the scratch slot that pads row buckets
+        denoiser = Denoiser(net, slots, spec.max_context, ckpt.generation.eos_token_ids, compile=spec.compile)
+        self.engine = Engine(
+            denoiser,
+            max_batch_rows=spec.max_batch_rows,
+            max_queue=spec.max_queue,
+            row_buckets=buckets,
+            name=pool_name,
+        )
+        self.engine.start()
+        log.info(
+            "denoiser %s: %s on %s, %d slots x %d tokens, %d torch threads",
+            pool_name,
+            model,
+            device,
+            spec.slots,
+            spec.max_context,
+            torch.get_num_threads(),
+        )
+
+    async def generate(self, request: dict) -> AsyncIterator[Event | Refusal]:
+        """request: GenerateRequest fields, with `settings` as a dict of SamplerSettings fields."""
+        fields = dict(request)
+        fields["settings"] = SamplerSettings(**fields["settings"])
+        try:
+            stream = self.engine.submit(GenerateRequest(**fields))
+        except InvalidRequest as exc:
+            yield Refusal("invalid", str(exc), field=exc.field)
+            return
+        except Overloaded as exc:
+            yield Refusal("overloaded", str(exc), retry_after_s=exc.retry_after_s)
+            return
+        async with stream:
+            async for event in stream:
+                yield event
+
+    def load(self) -> dict:
+        return dataclasses.asdict(self.engine.load())
+
+    def record_routing_stats(self) -> dict:
+        """Pulled by the controller for the request router: outstanding steps and room left."""
+        return self.load()
+
+    def check_health(self) -> None:
+        self.engine.check_health()

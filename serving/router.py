@@ -1,0 +1,336 @@
+"""The Router deployment: the ingress for HTTP (OpenAI-compatible + native) and gRPC.
+
+It validates, applies the chat template, tokenizes, picks the tier, forwards token ids to a replica of that
+tier's pool through a DeploymentHandle (stream=True), streams events back and detokenizes. Replicas never see
+text; the router never sees tensors.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator
+from dataclasses import asdict, dataclass
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from serving.api import ChatBody, CompletionBody, Diffusion, GenerateBody, OpenAIOptions
+from serving.config import AppConfig, Tier
+from serving.replica import Refusal, resolve_model
+from serving.request import CanvasEvent, DraftEvent, ErrorEvent, FinalEvent, InvalidRequest, Overloaded, Usage
+
+api = FastAPI(title="diffusiongemma-serve")
+
+
+@api.exception_handler(RequestValidationError)
+async def _bad_body(request: Request, exc: RequestValidationError) -> JSONResponse:
+    first = exc.errors()[0] if exc.errors() else {}
+    where = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or "body"
+    return error_response(400, f"{where}: {first.get('msg', 'invalid request')}", where)
+
+
+def error_response(status: int, message: str, param: str | None = None, retry_after: float | None = None):
+    kind = "invalid_request_error" if status == 400 else "rate_limit_error" if status == 429 else "server_error"
+    headers = {"Retry-After": str(max(1, round(retry_after)))} if retry_after is not None else None
+    body = {"error": {"message": message, "type": kind, "param": param, "code": status}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+@dataclass
+class Prepared:
+    tier_name: str
+    tier: Tier
+    payload: dict  # GenerateRequest fields for the replica
+    prompt_tokens: int
+
+
+class Detokenizer:
+    """Text per canvas, decoded incrementally so that a character split across canvases comes out whole."""
+
+    def __init__(self, tokenizer):
+        self.tok = tokenizer
+        self.ids: list[int] = []
+        self.text = ""
+
+    def add(self, ids: list[int]) -> str:
+        self.ids += ids
+        text = self.tok.decode(self.ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):  # an incomplete character: wait for the next canvas
+            return ""
+        new, self.text = text[len(self.text) :], text
+        return new
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1024)
+@serve.ingress(api)
+class Router:
+    def __init__(self, config: dict, pools: dict[str, DeploymentHandle]):
+        from transformers import AutoTokenizer
+
+        from model.weights import read_checkpoint
+
+        self.config = AppConfig(**config)
+        self.pools = pools
+        path = resolve_model(self.config.model)
+        self.tok = AutoTokenizer.from_pretrained(path)
+        ckpt = read_checkpoint(path)
+        self.model_id = "diffusiongemma-embedded" if self.config.model == "embedded" else self.config.model
+        self.max_new_default = self.config.max_new_tokens or ckpt.generation.max_new_tokens
+        self.max_context = min(p.max_context for p in self.config.pools.values())
+
+    # ---------------------------------------------------------------- shared path
+
+    def prepare(
+        self,
+        ids: list[int],
+        diffusion: Diffusion,
+        header_tier: str | None,
+        max_new: int | None,
+        stream_drafts: bool = False,
+    ) -> Prepared:
+        name = diffusion.tier or header_tier or self.config.default_tier
+        tier = self.config.tiers.get(name)
+        if tier is None:
+            raise InvalidRequest("tier", f"unknown tier {name!r}; tiers: {sorted(self.config.tiers)}")
+        if not ids:
+            raise InvalidRequest("prompt", "is empty")
+        if len(ids) > self.config.max_prompt_tokens:
+            raise InvalidRequest("prompt", f"{len(ids)} tokens; the limit is {self.config.max_prompt_tokens}")
+        vocab = len(self.tok)
+        if any(not 0 <= t < vocab for t in ids):
+            raise InvalidRequest("prompt", f"token ids must be in [0, {vocab})")
+        settings = tier.resolve(name, diffusion.overrides())
+        payload = dict(
+            prompt=list(ids),
+            max_new_tokens=max_new or self.max_new_default,
+            settings=asdict(settings),
+            seed=diffusion.seed,
+            stream_drafts=stream_drafts,
+        )
+        return Prepared(name, tier, payload, len(ids))
+
+    async def events(self, prep: Prepared) -> AsyncIterator[CanvasEvent | DraftEvent | FinalEvent]:
+        """The replica's events; refusals and failures become exceptions here."""
+        handle = self.pools[prep.tier.pool].options(stream=True)
+        gen = handle.generate.remote(prep.payload)
+        try:
+            async for event in gen:
+                if isinstance(event, Refusal):
+                    if event.kind == "overloaded":
+                        raise Overloaded(event.message, event.retry_after_s or 1.0)
+                    raise InvalidRequest(event.field or "request", event.message.split(": ", 1)[-1])
+                if isinstance(event, ErrorEvent):
+                    raise RuntimeError(event.message)
+                yield event
+        finally:
+            gen.cancel()  # a no-op when finished; a disconnect or deadline frees the slot in the engine
+
+    def chat_ids(self, messages: list[dict]) -> list[int]:
+        ids = self.tok.apply_chat_template(messages, add_generation_prompt=True)
+        return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+    def text_ids(self, text: str) -> list[int]:
+        return list(self.tok(text)["input_ids"])
+
+    # ---------------------------------------------------------------- HTTP: OpenAI
+
+    @api.get("/v1/models")
+    async def models(self) -> dict:
+        tiers = {
+            name: {"description": t.description, "pool": t.pool, **t.sampler.model_dump()}
+            for name, t in self.config.tiers.items()
+        }
+        card = {"id": self.model_id, "object": "model", "created": 0, "owned_by": "diffusiongemma-serve"}
+        return {"object": "list", "data": [card | {"tiers": tiers, "default_tier": self.config.default_tier}]}
+
+    @api.post("/v1/completions")
+    async def completions(self, body: CompletionBody, request: Request):
+        ids = body.prompt if isinstance(body.prompt, list) else self.text_ids(body.prompt)
+        return await self._openai(body, ids, request, chat=False)
+
+    @api.post("/v1/chat/completions")
+    async def chat_completions(self, body: ChatBody, request: Request):
+        ids = self.chat_ids([m.model_dump() for m in body.messages])
+        return await self._openai(body, ids, request, chat=True)
+
+    async def _openai(self, body: OpenAIOptions, ids: list[int], request: Request, chat: bool):
+        field = body.unsupported()
+        if field is not None:
+            return error_response(400, f"{field}: not supported by this server", field)
+        if body.model is not None and body.model != self.model_id:
+            return error_response(
+                400, f"model: unknown model {body.model!r}; this server has {self.model_id!r}", "model"
+            )
+        try:
+            prep = self.prepare(ids, body, request.headers.get("x-tier"), body.length())
+            events = self.events(prep)
+            first = await anext(events)  # refusals surface before any byte is sent
+        except InvalidRequest as exc:
+            return error_response(400, str(exc), exc.field)
+        except Overloaded as exc:
+            return error_response(429, str(exc), retry_after=exc.retry_after_s)
+        rid = f"{'chatcmpl' if chat else 'cmpl'}-{int(time.time() * 1000)}"
+        obj = "chat.completion" if chat else "text_completion"
+        detok = Detokenizer(self.tok)
+
+        def choice(text: str, finish: str | None, delta: bool) -> dict:
+            if not chat:
+                return {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
+            content = {"role": "assistant", "content": text}
+            return {"index": 0, ("delta" if delta else "message"): content, "finish_reason": finish}
+
+        def usage(u: Usage) -> dict:
+            extra = {"canvases": u.canvases, "steps_per_canvas": u.steps_per_canvas, "tier": prep.tier_name}
+            return {
+                "prompt_tokens": u.prompt_tokens,
+                "completion_tokens": u.generated_tokens,
+                "total_tokens": u.prompt_tokens + u.generated_tokens,
+                **extra,
+            }
+
+        async def all_events():
+            yield first
+            async for e in events:
+                yield e
+
+        if not body.stream:
+            text, final = "", None
+            async for e in all_events():
+                if isinstance(e, CanvasEvent):
+                    text += detok.add(e.tokens)
+                elif isinstance(e, FinalEvent):
+                    final = e
+            reply = {
+                "id": rid,
+                "object": obj,
+                "created": int(time.time()),
+                "model": self.model_id,
+                "choices": [choice(text, finish_reason(final), delta=False)],
+                "usage": usage(final.usage),
+            }
+            return JSONResponse(reply)
+
+        async def sse():
+            chunk_obj = obj + ".chunk" if chat else obj
+            try:
+                async for e in all_events():
+                    if isinstance(e, CanvasEvent):
+                        c = choice(detok.add(e.tokens), None, delta=True)
+                        yield sse_line({"id": rid, "object": chunk_obj, "model": self.model_id, "choices": [c]})
+                    elif isinstance(e, FinalEvent):
+                        c = choice("", finish_reason(e), delta=True)
+                        yield sse_line(
+                            {
+                                "id": rid,
+                                "object": chunk_obj,
+                                "model": self.model_id,
+                                "choices": [c],
+                                "usage": usage(e.usage),
+                            }
+                        )
+            except Exception as exc:  # after the headers went out: report in-band, OpenAI style
+                yield sse_line({"error": {"message": str(exc), "type": "server_error"}})
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(sse(), media_type="text/event-stream")
+
+    # ---------------------------------------------------------------- HTTP: native and health
+
+    @api.post("/v1/generate")
+    async def generate(self, body: GenerateBody, request: Request):
+        given = [k for k in ("text", "prompt", "token_ids") if getattr(body, k) is not None]
+        if len(given) != 1:
+            return error_response(400, "exactly one of text, prompt or token_ids is required", "text")
+        if body.text is not None:
+            ids = self.chat_ids([{"role": "user", "content": body.text}])
+        elif body.prompt is not None:
+            ids = self.text_ids(body.prompt)
+        else:
+            ids = body.token_ids
+        try:
+            prep = self.prepare(ids, body, request.headers.get("x-tier"), body.max_new_tokens, body.stream_drafts)
+            events = self.events(prep)
+            first = await anext(events)
+        except InvalidRequest as exc:
+            return error_response(400, str(exc), exc.field)
+        except Overloaded as exc:
+            return error_response(429, str(exc), retry_after=exc.retry_after_s)
+        detok = Detokenizer(self.tok)
+
+        async def all_events():
+            yield first
+            async for e in events:
+                yield e
+
+        def as_json(e) -> dict:
+            if isinstance(e, CanvasEvent):
+                return {
+                    "type": "canvas",
+                    "index": e.index,
+                    "steps": e.steps,
+                    "token_ids": e.tokens,
+                    "text": detok.add(e.tokens),
+                }
+            if isinstance(e, DraftEvent):
+                return {
+                    "type": "draft",
+                    "canvas_index": e.canvas_index,
+                    "step": e.step,
+                    "token_ids": e.tokens,
+                    "text": self.tok.decode(e.tokens, skip_special_tokens=True),
+                }
+            return {"type": "final", "finish_reason": e.finish_reason, "tier": prep.tier_name, "usage": asdict(e.usage)}
+
+        if body.stream:
+
+            async def sse():
+                try:
+                    async for e in all_events():
+                        yield sse_line(as_json(e))
+                except Exception as exc:
+                    yield sse_line({"type": "error", "message": str(exc)})
+                yield "data: [DONE]\n\n"
+
+            return StreamingResponse(sse(), media_type="text/event-stream")
+        tokens, final = [], None
+        async for e in all_events():
+            if isinstance(e, CanvasEvent):
+                tokens += e.tokens
+            elif isinstance(e, FinalEvent):
+                final = e
+        return {
+            "text": self.tok.decode(tokens, skip_special_tokens=True),
+            "token_ids": tokens,
+            "finish_reason": final.finish_reason,
+            "tier": prep.tier_name,
+            "usage": asdict(final.usage),
+        }
+
+    @api.get("/health")
+    async def health(self) -> dict:
+        return {"status": "ok"}
+
+    @api.get("/ready")
+    async def ready(self):
+        """Ready when every pool answers a load query."""
+        loads = {}
+        for name, handle in self.pools.items():
+            try:
+                loads[name] = await handle.load.remote()
+            except Exception as exc:
+                return error_response(503, f"pool {name!r} is not ready: {exc}")
+        return {"status": "ready", "pools": loads}
+
+
+def finish_reason(final: FinalEvent | None) -> str:
+    if final is None:
+        return "error"
+    return {"eos": "stop", "length": "length"}.get(final.finish_reason, final.finish_reason)
+
+
+def sse_line(obj: dict) -> str:
+    return f"data: {json.dumps(obj)}\n\n"
