@@ -18,6 +18,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from protos.diffusiongemma.v1 import diffusion_pb2 as pb
 from serving.api import ChatBody, CompletionBody, Diffusion, GenerateBody, OpenAIOptions
 from serving.config import AppConfig, Tier
 from serving.replica import Refusal, resolve_model
@@ -65,9 +66,96 @@ class Detokenizer:
         return new
 
 
+class GrpcMethods:
+    """diffusiongemma.v1.DiffusionService, mixed into Router (Serve calls the method named like the RPC).
+
+    Serve turns any exception into INTERNAL, so errors are set on the context and an empty message returned.
+    """
+
+    def _grpc_prepare(self, req: pb.GenerateRequest) -> Prepared:
+        kind = req.WhichOneof("input")
+        if kind == "text":
+            ids = self.chat_ids([{"role": "user", "content": req.text}])
+        elif kind == "raw_prompt":
+            ids = self.text_ids(req.raw_prompt)
+        elif kind == "token_ids":
+            ids = list(req.token_ids.ids)
+        else:
+            raise InvalidRequest("input", "one of text, raw_prompt or token_ids is required")
+        s = req.sampler
+        fields = (
+            "max_denoising_steps",
+            "entropy_bound",
+            "t_min",
+            "t_max",
+            "stability_threshold",
+            "confidence_threshold",
+            "adaptive_stop",
+        )
+        given = {f: getattr(s, f) for f in fields if s.HasField(f)}
+        try:
+            diffusion = Diffusion(tier=req.tier or None, seed=req.seed if req.HasField("seed") else None, **given)
+        except ValueError as exc:
+            raise InvalidRequest("sampler", str(exc).splitlines()[0]) from exc
+        if req.max_new_tokens < 0:
+            raise InvalidRequest("max_new_tokens", "must be >= 0 (0: the model's default)")
+        return self.prepare(ids, diffusion, None, req.max_new_tokens or None, req.stream_drafts)
+
+    @staticmethod
+    def _grpc_error(context, exc: Exception) -> None:
+        import grpc
+
+        if isinstance(exc, InvalidRequest):
+            context.set_code(grpc.StatusCode.INVALID_ARGUMENT)
+        elif isinstance(exc, Overloaded):
+            context.set_code(grpc.StatusCode.RESOURCE_EXHAUSTED)
+            context.set_trailing_metadata((("retry-after-s", str(round(exc.retry_after_s, 1))),))
+        else:
+            context.set_code(grpc.StatusCode.UNAVAILABLE)
+        context.set_details(str(exc))
+
+    async def Generate(self, req: pb.GenerateRequest, grpc_context=None) -> pb.GenerateResponse:
+        try:
+            prep = self._grpc_prepare(req)
+            tokens, final = [], None
+            async for e in self.events(prep):
+                if isinstance(e, CanvasEvent):
+                    tokens += e.tokens
+                elif isinstance(e, FinalEvent):
+                    final = e
+        except Exception as exc:
+            self._grpc_error(grpc_context, exc)
+            return pb.GenerateResponse()
+        return pb.GenerateResponse(
+            tier=prep.tier_name,
+            text=self.tok.decode(tokens, skip_special_tokens=True),
+            token_ids=tokens,
+            finish_reason=final.finish_reason,
+            usage=usage_pb(final.usage),
+        )
+
+    async def GenerateStream(self, req: pb.GenerateRequest, grpc_context=None):
+        try:
+            prep = self._grpc_prepare(req)
+            detok = Detokenizer(self.tok)
+            async for e in self.events(prep):
+                if isinstance(e, CanvasEvent):
+                    c = pb.Canvas(index=e.index, text=detok.add(e.tokens), token_ids=e.tokens, steps=e.steps)
+                    yield pb.GenerateChunk(canvas=c)
+                elif isinstance(e, DraftEvent):
+                    text = self.tok.decode(e.tokens, skip_special_tokens=True)
+                    d = pb.Draft(canvas_index=e.canvas_index, step=e.step, text=text, token_ids=e.tokens)
+                    yield pb.GenerateChunk(draft=d)
+                elif isinstance(e, FinalEvent):
+                    f = pb.Final(tier=prep.tier_name, finish_reason=e.finish_reason, usage=usage_pb(e.usage))
+                    yield pb.GenerateChunk(final=f)
+        except Exception as exc:
+            self._grpc_error(grpc_context, exc)
+
+
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1024)
 @serve.ingress(api)
-class Router:
+class Router(GrpcMethods):
     def __init__(self, config: dict, pools: dict[str, DeploymentHandle]):
         from transformers import AutoTokenizer
 
@@ -324,6 +412,18 @@ class Router:
             except Exception as exc:
                 return error_response(503, f"pool {name!r} is not ready: {exc}")
         return {"status": "ready", "pools": loads}
+
+
+def usage_pb(u: Usage) -> pb.Usage:
+    return pb.Usage(
+        prompt_tokens=u.prompt_tokens,
+        generated_tokens=u.generated_tokens,
+        canvases=u.canvases,
+        steps_per_canvas=u.steps_per_canvas,
+        queue_time_s=u.queue_time_s,
+        time_to_first_canvas_s=u.time_to_first_canvas_s or 0.0,
+        total_time_s=u.total_time_s,
+    )
 
 
 def finish_reason(final: FinalEvent | None) -> str:
