@@ -1,8 +1,10 @@
 """The Denoiser deployment: one replica per GPU (or a CPU process), hosting one engine.
 
-The router calls `generate` through a DeploymentHandle with `stream=True` and gets the engine's events back
-one by one (token ids only). Refusals travel as events too (`Refusal`), not exceptions, so the router can map
-them to 400 / 429 and INVALID_ARGUMENT / RESOURCE_EXHAUSTED without unwrapping Ray errors. When the caller
+The router calls `generate` through a DeploymentHandle with `stream=True` and gets back first `Accepted` (the
+engine took the request: slot or queue place) or a `Refusal`, then the engine's events one by one (token ids
+only). Refusals travel as events, not exceptions, so the router can map them to 400 / 429 and
+INVALID_ARGUMENT / RESOURCE_EXHAUSTED without unwrapping Ray errors, and it can answer 200 and open a stream
+as soon as a request is accepted, before its first canvas. When the caller
 goes away (client disconnect, deadline), Serve cancels this generator and leaving the stream cancels the
 request in the engine, which frees its slot at the next iteration.
 """
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -27,6 +30,11 @@ from serving.request import Event, GenerateRequest, InvalidRequest, Overloaded
 log = logging.getLogger("ray.serve")
 
 ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+
+
+@dataclass(frozen=True)
+class Accepted:
+    request_id: str
 
 
 @dataclass(frozen=True)
@@ -78,7 +86,7 @@ class DenoiserServer:
             torch.get_num_threads(),
         )
 
-    async def generate(self, request: dict) -> AsyncIterator[Event | Refusal]:
+    async def generate(self, request: dict) -> AsyncIterator[Accepted | Refusal | Event]:
         """request: GenerateRequest fields, with `settings` as a dict of SamplerSettings fields."""
         fields = dict(request)
         fields["settings"] = SamplerSettings(**fields["settings"])
@@ -91,6 +99,7 @@ class DenoiserServer:
             yield Refusal("overloaded", str(exc), retry_after_s=exc.retry_after_s)
             return
         async with stream:
+            yield Accepted(stream.request_id)
             async for event in stream:
                 yield event
 
@@ -98,8 +107,9 @@ class DenoiserServer:
         return dataclasses.asdict(self.engine.load())
 
     def record_routing_stats(self) -> dict:
-        """Pulled by the controller for the request router: outstanding steps and room left."""
-        return self.load()
+        """Pulled by the controller for serving.routing.StepAwareRouter: outstanding steps and room left, and
+        when they were read (the router counts what it sent after that on top)."""
+        return self.load() | {"at": time.time(), "canvas_length": self.engine.denoiser.canvas_length}
 
     def check_health(self) -> None:
         self.engine.check_health()

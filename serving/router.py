@@ -72,7 +72,7 @@ class GrpcMethods:
     Serve turns any exception into INTERNAL, so errors are set on the context and an empty message returned.
     """
 
-    def _grpc_prepare(self, req: pb.GenerateRequest) -> Prepared:
+    def _grpc_prepare(self, req: pb.GenerateRequest, context) -> Prepared:
         kind = req.WhichOneof("input")
         if kind == "text":
             ids = self.chat_ids([{"role": "user", "content": req.text}])
@@ -99,7 +99,8 @@ class GrpcMethods:
             raise InvalidRequest("sampler", str(exc).splitlines()[0]) from exc
         if req.max_new_tokens < 0:
             raise InvalidRequest("max_new_tokens", "must be >= 0 (0: the model's default)")
-        return self.prepare(ids, diffusion, None, req.max_new_tokens or None, req.stream_drafts)
+        metadata = dict(context.invocation_metadata()) if context is not None else {}
+        return self.prepare(ids, diffusion, metadata.get("x-tier"), req.max_new_tokens or None, req.stream_drafts)
 
     @staticmethod
     def _grpc_error(context, exc: Exception) -> None:
@@ -116,9 +117,9 @@ class GrpcMethods:
 
     async def Generate(self, req: pb.GenerateRequest, grpc_context=None) -> pb.GenerateResponse:
         try:
-            prep = self._grpc_prepare(req)
+            prep = self._grpc_prepare(req, grpc_context)
             tokens, final = [], None
-            async for e in self.events(prep):
+            async for e in await self.open(prep):
                 if isinstance(e, CanvasEvent):
                     tokens += e.tokens
                 elif isinstance(e, FinalEvent):
@@ -136,9 +137,9 @@ class GrpcMethods:
 
     async def GenerateStream(self, req: pb.GenerateRequest, grpc_context=None):
         try:
-            prep = self._grpc_prepare(req)
+            prep = self._grpc_prepare(req, grpc_context)
             detok = Detokenizer(self.tok)
-            async for e in self.events(prep):
+            async for e in await self.open(prep):
                 if isinstance(e, CanvasEvent):
                     c = pb.Canvas(index=e.index, text=detok.add(e.tokens), token_ids=e.tokens, steps=e.steps)
                     yield pb.GenerateChunk(canvas=c)
@@ -201,16 +202,27 @@ class Router(GrpcMethods):
         )
         return Prepared(name, tier, payload, len(ids))
 
-    async def events(self, prep: Prepared) -> AsyncIterator[CanvasEvent | DraftEvent | FinalEvent]:
-        """The replica's events; refusals and failures become exceptions here."""
+    async def open(self, prep: Prepared) -> AsyncIterator[CanvasEvent | DraftEvent | FinalEvent]:
+        """Send the request to a replica of its tier's pool and wait until it is accepted (slot or queue
+        place): refusals raise here, before any reply is started. Returns the request's events."""
         handle = self.pools[prep.tier.pool].options(stream=True)
         gen = handle.generate.remote(prep.payload)
         try:
+            first = await anext(gen)
+        except BaseException:
+            gen.cancel()
+            raise
+        if isinstance(first, Refusal):
+            gen.cancel()
+            if first.kind == "overloaded":
+                raise Overloaded(first.message, first.retry_after_s or 1.0)
+            raise InvalidRequest(first.field or "request", first.message.split(": ", 1)[-1])
+        return self._events(gen)
+
+    @staticmethod
+    async def _events(gen) -> AsyncIterator[CanvasEvent | DraftEvent | FinalEvent]:
+        try:
             async for event in gen:
-                if isinstance(event, Refusal):
-                    if event.kind == "overloaded":
-                        raise Overloaded(event.message, event.retry_after_s or 1.0)
-                    raise InvalidRequest(event.field or "request", event.message.split(": ", 1)[-1])
                 if isinstance(event, ErrorEvent):
                     raise RuntimeError(event.message)
                 yield event
@@ -255,8 +267,7 @@ class Router(GrpcMethods):
             )
         try:
             prep = self.prepare(ids, body, request.headers.get("x-tier"), body.length())
-            events = self.events(prep)
-            first = await anext(events)  # refusals surface before any byte is sent
+            events = await self.open(prep)  # refusals surface before any byte is sent
         except InvalidRequest as exc:
             return error_response(400, str(exc), exc.field)
         except Overloaded as exc:
@@ -280,14 +291,9 @@ class Router(GrpcMethods):
                 **extra,
             }
 
-        async def all_events():
-            yield first
-            async for e in events:
-                yield e
-
         if not body.stream:
             text, final = "", None
-            async for e in all_events():
+            async for e in events:
                 if isinstance(e, CanvasEvent):
                     text += detok.add(e.tokens)
                 elif isinstance(e, FinalEvent):
@@ -305,7 +311,7 @@ class Router(GrpcMethods):
         async def sse():
             chunk_obj = obj + ".chunk" if chat else obj
             try:
-                async for e in all_events():
+                async for e in events:
                     if isinstance(e, CanvasEvent):
                         c = choice(detok.add(e.tokens), None, delta=True)
                         yield sse_line({"id": rid, "object": chunk_obj, "model": self.model_id, "choices": [c]})
@@ -341,18 +347,12 @@ class Router(GrpcMethods):
             ids = body.token_ids
         try:
             prep = self.prepare(ids, body, request.headers.get("x-tier"), body.max_new_tokens, body.stream_drafts)
-            events = self.events(prep)
-            first = await anext(events)
+            events = await self.open(prep)
         except InvalidRequest as exc:
             return error_response(400, str(exc), exc.field)
         except Overloaded as exc:
             return error_response(429, str(exc), retry_after=exc.retry_after_s)
         detok = Detokenizer(self.tok)
-
-        async def all_events():
-            yield first
-            async for e in events:
-                yield e
 
         def as_json(e) -> dict:
             if isinstance(e, CanvasEvent):
@@ -377,7 +377,7 @@ class Router(GrpcMethods):
 
             async def sse():
                 try:
-                    async for e in all_events():
+                    async for e in events:
                         yield sse_line(as_json(e))
                 except Exception as exc:
                     yield sse_line({"type": "error", "message": str(exc)})
@@ -385,7 +385,7 @@ class Router(GrpcMethods):
 
             return StreamingResponse(sse(), media_type="text/event-stream")
         tokens, final = [], None
-        async for e in all_events():
+        async for e in events:
             if isinstance(e, CanvasEvent):
                 tokens += e.tokens
             elif isinstance(e, FinalEvent):

@@ -1,0 +1,315 @@
+"""The Ray Serve application as users start it: `serve run deploy/config.yaml` (a real local Ray started by the
+CLI), with free ports in place of 8000 / 9000 and everything else as shipped. Real clients: the `openai`
+package on /v1, httpx for the native routes and the errors, the generated gRPC stubs."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import httpx
+import pytest
+import yaml
+
+from protos.diffusiongemma.v1 import diffusion_pb2 as pb
+from protos.diffusiongemma.v1 import diffusion_pb2_grpc as pb_grpc
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIG = yaml.safe_load((ROOT / "deploy" / "config.yaml").read_text())
+TIERS = CONFIG["applications"][0]["args"]["tiers"]
+POOL = CONFIG["applications"][0]["args"]["pools"]["cpu"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class App:
+    http: str
+    grpc_target: str
+    log: Path
+
+    def load(self) -> dict:
+        r = httpx.get(f"{self.http}/ready", timeout=30)
+        r.raise_for_status()
+        return r.json()["pools"]["cpu"]
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory) -> App:
+    tmp = tmp_path_factory.mktemp("serve")
+    cfg = yaml.safe_load((ROOT / "deploy" / "config.yaml").read_text())
+    http_port, grpc_port = free_port(), free_port()
+    cfg["http_options"].update(host="127.0.0.1", port=http_port)
+    cfg["grpc_options"]["port"] = grpc_port
+    path = tmp / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    log = tmp / "serve.log"
+    # RAY_ADDRESS=local: the CLI starts its own cluster even where another one runs on this machine
+    env = os.environ | {"RAY_AUTH_MODE": "disabled", "RAY_ADDRESS": "local"}
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "ray.serve.scripts", "run", str(path)],
+            cwd=ROOT,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    served = App(f"http://127.0.0.1:{http_port}", f"127.0.0.1:{grpc_port}", log)
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"serve run exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
+            try:
+                if httpx.get(f"{served.http}/ready", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the app was not ready in 240 s:\n{log.read_text()[-4000:]}")
+            time.sleep(1)
+        yield served
+    finally:
+        proc.send_signal(signal.SIGINT)  # the CLI shuts Serve and the cluster it started down
+        try:
+            proc.wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def chat_prompt_text(task: str) -> str:
+    from transformers import AutoTokenizer
+
+    from model.weights import EMBEDDED
+
+    tok = AutoTokenizer.from_pretrained(EMBEDDED)
+    return tok.apply_chat_template([{"role": "user", "content": task}], add_generation_prompt=True, tokenize=False)
+
+
+# ---------------------------------------------------------------- OpenAI clients
+
+
+def test_openai_client_plain_and_streaming(app):
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{app.http}/v1", api_key="unused", max_retries=0)
+    model = client.models.list().data[0].id
+
+    chat = client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": "reverse: a b c d"}], seed=3, max_tokens=16
+    )
+    assert chat.choices[0].message.content.split() == ["d", "c", "b", "a"]
+    assert chat.usage.completion_tokens > 0 and chat.usage.prompt_tokens > 0
+
+    pieces, last = [], None
+    for chunk in client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": "reverse: a b c d"}], seed=3, max_tokens=16, stream=True
+    ):
+        pieces += [c.delta.content or "" for c in chunk.choices]
+        last = chunk
+    assert "".join(pieces) == chat.choices[0].message.content  # same seed, same answer, streamed
+    assert last.usage is not None and last.usage.completion_tokens == chat.usage.completion_tokens
+
+    prompt = chat_prompt_text("sort: 4132")  # completions take the prompt as is: we apply the template
+    plain = client.completions.create(model=model, prompt=prompt, seed=0, max_tokens=16)
+    assert plain.choices[0].text.strip() == "1234"
+    streamed = client.completions.create(model=model, prompt=prompt, seed=0, max_tokens=16, stream=True)
+    assert "".join(c.choices[0].text for c in streamed if c.choices) == plain.choices[0].text
+
+
+def test_models_lists_the_tiers(app):
+    card = httpx.get(f"{app.http}/v1/models").json()["data"][0]
+    assert set(card["tiers"]) == set(TIERS)
+    assert card["default_tier"] == CONFIG["applications"][0]["args"]["default_tier"]
+
+
+# ---------------------------------------------------------------- tiers and the native route
+
+
+def generate(app: App, body: dict, headers: dict | None = None) -> httpx.Response:
+    return httpx.post(f"{app.http}/v1/generate", json=body, headers=headers, timeout=120)
+
+
+def test_a_request_runs_with_its_tiers_step_cap(app):
+    fast = generate(app, {"text": "shift: a b c", "tier": "fast", "seed": 1}).json()
+    assert fast["tier"] == "fast"
+    cap = TIERS["fast"]["sampler"]["max_denoising_steps"]
+    assert fast["usage"]["steps_per_canvas"] == [cap]  # fast runs fixed steps: exactly its cap
+    assert fast["text"].split() == ["b", "c", "d"]
+
+    quality = generate(app, {"text": "shift: a b c", "adaptive_stop": False}, headers={"x-tier": "quality"}).json()
+    assert quality["tier"] == "quality"
+    assert quality["usage"]["steps_per_canvas"] == [TIERS["quality"]["sampler"]["max_denoising_steps"]]
+
+    override = generate(app, {"text": "shift: a b c", "tier": "fast", "max_denoising_steps": 1}).json()
+    assert override["usage"]["steps_per_canvas"] == [1]
+
+
+def test_native_stream_sends_drafts_canvases_and_a_final_event(app):
+    body = {"text": "reverse: x y z", "tier": "fast", "stream": True, "stream_drafts": True, "max_new_tokens": 32}
+    kinds = []
+    with httpx.stream("POST", f"{app.http}/v1/generate", json=body, timeout=60) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                kinds.append(yaml.safe_load(line[6:])["type"])
+    steps = TIERS["fast"]["sampler"]["max_denoising_steps"]
+    assert kinds[:steps] == ["draft"] * steps and kinds[steps] == "canvas" and kinds[-1] == "final"
+
+
+# ---------------------------------------------------------------- bad input, HTTP
+
+
+@pytest.mark.parametrize(
+    ("route", "body", "field"),
+    [
+        ("/v1/generate", {"text": "hi", "tier": "turbo"}, "tier"),
+        ("/v1/generate", {"text": "hi", "tier": "fast", "max_denoising_steps": 1000}, "max_denoising_steps"),
+        ("/v1/generate", {"text": "hi", "max_denoising_steps": -3}, "max_denoising_steps"),
+        ("/v1/generate", {"token_ids": []}, "prompt"),
+        ("/v1/generate", {"token_ids": [5, 10**9]}, "prompt"),
+        ("/v1/generate", {"text": "hi", "max_new_tokens": 10**7}, "max_new_tokens"),
+        ("/v1/generate", {"text": "hi", "temperature_schedule": 1}, "temperature_schedule"),
+        ("/v1/completions", {"prompt": "x" * 20000}, "prompt"),
+        ("/v1/completions", {"prompt": "hi", "temperature": 0.3}, "temperature"),
+        ("/v1/completions", {"prompt": "hi", "max_tokens": -1}, "max_tokens"),
+        ("/v1/chat/completions", {"messages": []}, "messages"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "n": 2}, "n"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "model": "gpt-4"}, "model"),
+    ],
+)
+def test_bad_input_gets_a_400_naming_the_field(app, route, body, field):
+    r = httpx.post(f"{app.http}{route}", json=body, timeout=30)
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == field or field in error["message"], error
+
+
+def test_the_server_keeps_serving_after_bad_input(app):
+    httpx.post(f"{app.http}/v1/generate", content=b"{not json", timeout=30)
+    ok = generate(app, {"text": "reverse: a b", "tier": "fast", "seed": 0})
+    assert ok.status_code == 200 and ok.json()["text"].split() == ["b", "a"]
+
+
+# ---------------------------------------------------------------- gRPC
+
+
+def test_grpc_unary_and_streaming(app):
+    with grpc.insecure_channel(app.grpc_target) as channel:
+        stub = pb_grpc.DiffusionServiceStub(channel)
+        req = pb.GenerateRequest(text="reverse: p q r", tier="fast", seed=2, max_new_tokens=16)
+        reply = stub.Generate(req, timeout=60)
+        assert reply.text.split() == ["r", "q", "p"]
+        assert reply.tier == "fast" and reply.finish_reason == "eos"
+        assert list(reply.usage.steps_per_canvas) == [TIERS["fast"]["sampler"]["max_denoising_steps"]]
+
+        chunks = list(stub.GenerateStream(req, timeout=60))
+        assert [c.WhichOneof("kind") for c in chunks] == ["canvas", "final"]
+        assert chunks[0].canvas.text == reply.text
+
+        by_header = stub.Generate(pb.GenerateRequest(text="reverse: p q r"), metadata=(("x-tier", "fast"),), timeout=60)
+        assert by_header.tier == "fast"
+
+        ids = pb.GenerateRequest(token_ids=pb.TokenIds(ids=list(reply.token_ids)), tier="fast", max_new_tokens=16)
+        assert stub.Generate(ids, timeout=60).usage.prompt_tokens == len(reply.token_ids)
+
+
+@pytest.mark.parametrize(
+    ("request_fields", "field"),
+    [
+        ({"text": "hi", "tier": "turbo"}, "tier"),
+        ({"text": "hi", "tier": "fast", "sampler": pb.SamplerOverrides(max_denoising_steps=99)}, "max_denoising_steps"),
+        ({"tier": "fast"}, "input"),
+        ({"text": "hi", "max_new_tokens": -5}, "max_new_tokens"),
+    ],
+)
+def test_grpc_bad_input_is_invalid_argument(app, request_fields, field):
+    with grpc.insecure_channel(app.grpc_target) as channel:
+        stub = pb_grpc.DiffusionServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Generate(pb.GenerateRequest(**request_fields), timeout=30)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert field in err.value.details()
+
+
+def wait_idle(app: App, timeout_s: float = 60) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        load = app.load()
+        if load["live_requests"] == 0 and load["queue_depth"] == 0:
+            return load
+        if time.monotonic() > deadline:
+            raise AssertionError(f"the batcher still holds work: {load}")
+        time.sleep(0.5)
+
+
+# the most work a request may ask for: up to 16 canvases of 48 steps (English prompts end in a few canvases)
+LONG = {"tier": "quality", "adaptive_stop": False, "max_denoising_steps": 48, "max_new_tokens": 256}
+
+
+def test_grpc_deadline_cancels_the_work(app):
+    with grpc.insecure_channel(app.grpc_target) as channel:
+        stub = pb_grpc.DiffusionServiceStub(channel)
+        sampler = pb.SamplerOverrides(adaptive_stop=False, max_denoising_steps=48)
+        req = pb.GenerateRequest(text="Tell me about classes.", tier="quality", max_new_tokens=256, sampler=sampler)
+        with pytest.raises(grpc.RpcError) as err:
+            list(stub.GenerateStream(req, timeout=0.3))
+        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert wait_idle(app, 30)["free_slots"] == POOL["slots"]
+
+
+# ---------------------------------------------------------------- overload and disconnects
+
+
+def test_overload_gets_429_and_disconnects_free_their_slots(app):
+    capacity = POOL["slots"] + POOL["max_queue"]
+
+    async def flood() -> list[int]:
+        limits = httpx.Limits(max_connections=capacity + 120)
+        async with httpx.AsyncClient(base_url=app.http, timeout=120, limits=limits) as client:
+            streams = []
+            try:
+                for i in range(capacity + 100):  # arriving faster than 48-step canvases finish
+                    body = {"text": f"Tell me about topic {i}.", "stream": True, **LONG}
+                    req = client.build_request("POST", "/v1/generate", json=body)
+                    streams.append(asyncio.ensure_future(client.send(req, stream=True)))
+                responses = await asyncio.gather(*streams)
+                codes = [r.status_code for r in responses]
+                refused = next(r for r in responses if r.status_code == 429)
+                assert "Retry-After" in refused.headers
+                load = app.load()
+                assert load["free_slots"] == 0 and load["queue_depth"] == POOL["max_queue"], load
+                with grpc.insecure_channel(app.grpc_target) as channel:
+                    stub = pb_grpc.DiffusionServiceStub(channel)
+                    with pytest.raises(grpc.RpcError) as err:
+                        stub.Generate(pb.GenerateRequest(text="hi", tier="fast"), timeout=30)
+                    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                return codes
+            finally:  # close every stream mid-flight: the client goes away
+                for fut in streams:
+                    if fut.done() and not fut.cancelled() and fut.exception() is None:
+                        await fut.result().aclose()
+
+    codes = asyncio.run(flood())
+    assert codes.count(200) >= POOL["slots"] and codes.count(429) >= 1, codes
+    assert set(codes) <= {200, 429}
+    assert wait_idle(app, 60)["free_slots"] == POOL["slots"]  # every disconnected request was cancelled
+
+    with grpc.insecure_channel(app.grpc_target) as channel:  # and the server still answers
+        reply = pb_grpc.DiffusionServiceStub(channel).Generate(
+            pb.GenerateRequest(text="reverse: a b", tier="fast", seed=0), timeout=60
+        )
+        assert reply.text.split() == ["b", "a"]

@@ -1,0 +1,49 @@
+"""The shipped deploy files: Serve's own schema accepts them, our AppConfig accepts their args, the KubeRay
+RayService carries deploy/gpu.yaml verbatim, and the checked-in gRPC modules match the proto."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from ray.serve.schema import ServeDeploySchema
+
+from protos.generate import stale
+from serving.config import AppConfig
+
+DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
+
+
+def load(name: str) -> dict:
+    return yaml.safe_load((DEPLOY / name).read_text())
+
+
+@pytest.mark.parametrize("name", ["config.yaml", "gpu.yaml"])
+def test_serve_configs_validate(name):
+    cfg = load(name)
+    ServeDeploySchema(**cfg)
+    (app,) = cfg["applications"]
+    config = AppConfig(**app["args"])
+    assert {"fast", "balanced", "quality"} <= set(config.tiers)
+
+
+def test_cpu_config_serves_the_embedded_model_on_8000_and_9000():
+    cfg = load("config.yaml")
+    assert cfg["http_options"]["port"] == 8000 and cfg["grpc_options"]["port"] == 9000
+    assert cfg["applications"][0]["args"]["model"] == "embedded"
+
+
+def test_gpu_pools_take_one_gpu_per_replica():
+    pools = AppConfig(**load("gpu.yaml")["applications"][0]["args"]).pools
+    assert all(p.num_gpus == 1 and p.device == "cuda" for p in pools.values())
+
+
+def test_rayservice_carries_the_gpu_config():
+    service = load("kuberay/rayservice.yaml")
+    assert service["kind"] == "RayService"
+    assert yaml.safe_load(service["spec"]["serveConfigV2"]) == load("gpu.yaml")
+
+
+def test_generated_grpc_modules_are_fresh():
+    assert stale() == [], "run `python -m protos.generate`"
