@@ -5,8 +5,6 @@ tier's pool through a DeploymentHandle (stream=True), streams events back and de
 text; the router never sees tensors.
 """
 
-from __future__ import annotations
-
 import json
 import time
 from collections.abc import AsyncIterator
@@ -26,6 +24,9 @@ from serving.request import CanvasEvent, DraftEvent, ErrorEvent, FinalEvent, Inv
 
 api = FastAPI(title="diffusiongemma-serve")
 
+# Everything the Router's methods use must be defined above the class: Serve serializes the deployment class
+# when it is decorated, and names defined later in this module would be missing in the replica.
+
 
 @api.exception_handler(RequestValidationError)
 async def _bad_body(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -39,6 +40,28 @@ def error_response(status: int, message: str, param: str | None = None, retry_af
     headers = {"Retry-After": str(max(1, round(retry_after)))} if retry_after is not None else None
     body = {"error": {"message": message, "type": kind, "param": param, "code": status}}
     return JSONResponse(body, status_code=status, headers=headers)
+
+
+def usage_pb(u: Usage) -> pb.Usage:
+    return pb.Usage(
+        prompt_tokens=u.prompt_tokens,
+        generated_tokens=u.generated_tokens,
+        canvases=u.canvases,
+        steps_per_canvas=u.steps_per_canvas,
+        queue_time_s=u.queue_time_s,
+        time_to_first_canvas_s=u.time_to_first_canvas_s or 0.0,
+        total_time_s=u.total_time_s,
+    )
+
+
+def finish_reason(final: FinalEvent | None) -> str:
+    if final is None:
+        return "error"
+    return {"eos": "stop", "length": "length"}.get(final.finish_reason, final.finish_reason)
+
+
+def sse_line(obj: dict) -> str:
+    return f"data: {json.dumps(obj)}\n\n"
 
 
 @dataclass
@@ -110,7 +133,7 @@ class GrpcMethods:
             context.set_code(grpc.StatusCode.INVALID_ARGUMENT)
         elif isinstance(exc, Overloaded):
             context.set_code(grpc.StatusCode.RESOURCE_EXHAUSTED)
-            context.set_trailing_metadata((("retry-after-s", str(round(exc.retry_after_s, 1))),))
+            context.set_trailing_metadata([("retry-after-s", str(round(exc.retry_after_s, 1)))])
         else:
             context.set_code(grpc.StatusCode.UNAVAILABLE)
         context.set_details(str(exc))
@@ -412,25 +435,3 @@ class Router(GrpcMethods):
             except Exception as exc:
                 return error_response(503, f"pool {name!r} is not ready: {exc}")
         return {"status": "ready", "pools": loads}
-
-
-def usage_pb(u: Usage) -> pb.Usage:
-    return pb.Usage(
-        prompt_tokens=u.prompt_tokens,
-        generated_tokens=u.generated_tokens,
-        canvases=u.canvases,
-        steps_per_canvas=u.steps_per_canvas,
-        queue_time_s=u.queue_time_s,
-        time_to_first_canvas_s=u.time_to_first_canvas_s or 0.0,
-        total_time_s=u.total_time_s,
-    )
-
-
-def finish_reason(final: FinalEvent | None) -> str:
-    if final is None:
-        return "error"
-    return {"eos": "stop", "length": "length"}.get(final.finish_reason, final.finish_reason)
-
-
-def sse_line(obj: dict) -> str:
-    return f"data: {json.dumps(obj)}\n\n"
