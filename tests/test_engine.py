@@ -7,6 +7,7 @@ with a fixed seed must not depend on what it was batched with, when it joined, o
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 from prometheus_client import CollectorRegistry
@@ -265,3 +266,33 @@ def test_row_buckets_pad_with_a_scratch_slot_and_change_nothing(net):
 def test_more_live_requests_than_batch_rows_all_finish_in_turn(net):
     reqs = requests(net)
     assert all_at_once(net, reqs, slots=5, max_batch_rows=2) == [alone(net, r).tokens for r in reqs]
+
+
+def test_health_check_fails_when_the_loop_is_stuck_or_dead(net):
+    async def main():
+        engine = make_engine(net, stuck_after_s=0.2)
+        with pytest.raises(RuntimeError, match="never started"):
+            engine.check_health()
+        engine.start()
+        engine.check_health()
+        step = engine.denoiser.step
+
+        def slow_step(slots):  # one iteration that hangs well past stuck_after_s
+            time.sleep(0.6)
+            return step(slots)
+
+        engine.denoiser.step = slow_step
+        stream = engine.submit(requests(net)[1])
+        await asyncio.sleep(0.4)
+        with pytest.raises(RuntimeError, match="has run for over"):
+            engine.check_health()
+        engine.denoiser.step = step
+        await collect(stream)
+        engine.check_health()  # healthy again once the iteration ends
+        engine._task.cancel()  # the loop dies
+        await asyncio.sleep(0)
+        with pytest.raises(RuntimeError, match="dead"):
+            engine.check_health()
+        await engine.stop()
+
+    asyncio.run(main())
