@@ -47,6 +47,24 @@ def run_cap(denoiser, tok, examples, prompts, settings: SamplerSettings, seed: i
     }
 
 
+def held_out_setup(model: str):
+    """(denoiser with a slot per held-out prompt, tokenizer, held-out examples, their prompt ids, the
+    checkpoint's generation defaults) for a checkpoint folder or hub id."""
+    from transformers import AutoTokenizer
+
+    net, ckpt = load_network(model)
+    tok = AutoTokenizer.from_pretrained(ckpt.path)
+    examples = tasks.held_out()
+    prompts = [prompt_ids(tok, e.prompt) for e in examples]
+    denoiser = Denoiser(
+        net,
+        slots=len(examples),
+        max_context=max(map(len, prompts)) + net.config.canvas_length,
+        eos_token_ids=ckpt.generation.eos_token_ids,
+    )
+    return denoiser, tok, examples, prompts, ckpt.generation
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=str(EMBEDDED), help="checkpoint folder or hub id (default: the shipped model)")
@@ -54,19 +72,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
 
-    from transformers import AutoTokenizer
-
-    net, ckpt = load_network(args.model)
-    tok = AutoTokenizer.from_pretrained(ckpt.path)
-    examples = tasks.held_out()
-    prompts = [prompt_ids(tok, e.prompt) for e in examples]
-    gen = ckpt.generation
-    denoiser = Denoiser(
-        net,
-        slots=len(examples),
-        max_context=max(map(len, prompts)) + net.config.canvas_length,
-        eos_token_ids=gen.eos_token_ids,
-    )
+    denoiser, tok, examples, prompts, gen = held_out_setup(args.model)
     caps = [int(c) for c in args.caps.split(",")]
     fixed = {}
     for cap in caps:

@@ -11,25 +11,37 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-# OpenAI fields that exist but that this server does not implement, with the value that means "not used".
-UNSUPPORTED_OPENAI = {
-    "temperature": None,  # the denoiser's temperature follows its t_max -> t_min schedule; use t_min / t_max
-    "top_p": None,
-    "n": 1,
-    "best_of": None,
-    "stop": None,
-    "logprobs": None,
-    "top_logprobs": None,
-    "echo": False,
-    "presence_penalty": None,
-    "frequency_penalty": None,
-    "logit_bias": None,
-    "suffix": None,
-    "tools": None,
-    "tool_choice": None,
-    "response_format": None,
-    "stream_options": None,
-}
+# OpenAI fields that exist but that this server does not implement; each is accepted only with its field's
+# default (the value that means "not used"), see OpenAIOptions.
+UNSUPPORTED_OPENAI = (
+    "temperature",  # the denoiser's temperature follows its t_max -> t_min schedule; use t_min / t_max
+    "top_p",
+    "n",
+    "best_of",
+    "stop",
+    "logprobs",
+    "top_logprobs",
+    "echo",
+    "presence_penalty",
+    "frequency_penalty",
+    "logit_bias",
+    "suffix",
+    "tools",
+    "tool_choice",
+    "response_format",
+    "stream_options",
+)
+
+# The sampler overrides a request may carry (also the fields of the gRPC SamplerOverrides message).
+SAMPLER_FIELDS = (
+    "max_denoising_steps",
+    "entropy_bound",
+    "t_min",
+    "t_max",
+    "stability_threshold",
+    "confidence_threshold",
+    "adaptive_stop",
+)
 
 
 class Diffusion(BaseModel):
@@ -48,11 +60,7 @@ class Diffusion(BaseModel):
     adaptive_stop: bool | None = None
 
     def overrides(self) -> dict:
-        keys = ("max_denoising_steps", "entropy_bound", "t_min", "t_max", "stability_threshold")
-        out = {k: getattr(self, k) for k in keys}
-        out["confidence_threshold"] = self.confidence_threshold
-        out["adaptive_stop"] = self.adaptive_stop
-        return out
+        return {k: getattr(self, k) for k in SAMPLER_FIELDS}
 
 
 class OpenAIOptions(Diffusion):
@@ -61,7 +69,7 @@ class OpenAIOptions(Diffusion):
     max_completion_tokens: int | None = Field(None, ge=1)
     stream: bool = False
     user: str | None = None
-    # accepted only with their "unused" value, see UNSUPPORTED_OPENAI
+    # accepted only with their default, the value that means "not used" (UNSUPPORTED_OPENAI)
     temperature: float | None = None
     top_p: float | None = None
     n: int = 1
@@ -81,10 +89,8 @@ class OpenAIOptions(Diffusion):
 
     def unsupported(self) -> str | None:
         """The first OpenAI field set to something this server does not do."""
-        for name, unused in UNSUPPORTED_OPENAI.items():
-            if getattr(self, name) != unused:
-                return name
-        return None
+        defaults = type(self).model_fields
+        return next((name for name in UNSUPPORTED_OPENAI if getattr(self, name) != defaults[name].default), None)
 
     def length(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens

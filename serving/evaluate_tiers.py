@@ -15,11 +15,7 @@ from pathlib import Path
 
 import yaml
 
-from model import tasks
-from model.chat import prompt_ids
-from model.denoiser import Denoiser
-from model.evaluate import run_cap
-from model.weights import load_network
+from model.evaluate import held_out_setup, run_cap
 from serving.config import AppConfig
 from serving.replica import resolve_model
 
@@ -32,20 +28,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
 
-    from transformers import AutoTokenizer
-
     (app,) = yaml.safe_load(args.config.read_text())["applications"]
     config = AppConfig(**app["args"])
-    net, ckpt = load_network(resolve_model(config.model))
-    tok = AutoTokenizer.from_pretrained(ckpt.path)
-    examples = tasks.held_out()
-    prompts = [prompt_ids(tok, e.prompt) for e in examples]
-    denoiser = Denoiser(
-        net,
-        slots=len(examples),
-        max_context=max(map(len, prompts)) + net.config.canvas_length,
-        eos_token_ids=ckpt.generation.eos_token_ids,
-    )
+    denoiser, tok, examples, prompts, _ = held_out_setup(resolve_model(config.model))
     results = {}
     head = ("tier", "steps cap", "adaptive", "mean steps", "all", "single", "many")
     print(" ".join(f"{h:>{w}}" for h, w in zip(head, (9, 9, 8, 10, 5, 6, 5))) + "  tok/s")

@@ -17,7 +17,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from protos.diffusiongemma.v1 import diffusion_pb2 as pb
-from serving.api import ChatBody, CompletionBody, Diffusion, GenerateBody, OpenAIOptions
+from serving.api import SAMPLER_FIELDS, ChatBody, CompletionBody, Diffusion, GenerateBody, OpenAIOptions
 from serving.config import AppConfig, Tier
 from serving.replica import Refusal, resolve_model
 from serving.request import CanvasEvent, DraftEvent, ErrorEvent, FinalEvent, InvalidRequest, Overloaded, Usage
@@ -58,6 +58,17 @@ def finish_reason(final: FinalEvent | None) -> str:
     if final is None:
         return "error"
     return {"eos": "stop", "length": "length"}.get(final.finish_reason, final.finish_reason)
+
+
+async def collect(events: AsyncIterator) -> tuple[list[int], FinalEvent | None]:
+    """A whole answer: every canvas's tokens, and the final event."""
+    tokens, final = [], None
+    async for e in events:
+        if isinstance(e, CanvasEvent):
+            tokens += e.tokens
+        elif isinstance(e, FinalEvent):
+            final = e
+    return tokens, final
 
 
 def sse_line(obj: dict) -> str:
@@ -106,16 +117,7 @@ class GrpcMethods:
         else:
             raise InvalidRequest("input", "one of text, raw_prompt or token_ids is required")
         s = req.sampler
-        fields = (
-            "max_denoising_steps",
-            "entropy_bound",
-            "t_min",
-            "t_max",
-            "stability_threshold",
-            "confidence_threshold",
-            "adaptive_stop",
-        )
-        given = {f: getattr(s, f) for f in fields if s.HasField(f)}
+        given = {f: getattr(s, f) for f in SAMPLER_FIELDS if s.HasField(f)}
         try:
             diffusion = Diffusion(tier=req.tier or None, seed=req.seed if req.HasField("seed") else None, **given)
         except ValueError as exc:
@@ -141,12 +143,7 @@ class GrpcMethods:
     async def Generate(self, req: pb.GenerateRequest, grpc_context=None) -> pb.GenerateResponse:
         try:
             prep = self._grpc_prepare(req, grpc_context)
-            tokens, final = [], None
-            async for e in await self.open(prep):
-                if isinstance(e, CanvasEvent):
-                    tokens += e.tokens
-                elif isinstance(e, FinalEvent):
-                    final = e
+            tokens, final = await collect(await self.open(prep))
         except Exception as exc:
             self._grpc_error(grpc_context, exc)
             return pb.GenerateResponse()
@@ -208,13 +205,9 @@ class Router(GrpcMethods):
         tier = self.config.tiers.get(name)
         if tier is None:
             raise InvalidRequest("tier", f"unknown tier {name!r}; tiers: {sorted(self.config.tiers)}")
-        if not ids:
-            raise InvalidRequest("prompt", "is empty")
         if len(ids) > self.config.max_prompt_tokens:
             raise InvalidRequest("prompt", f"{len(ids)} tokens; the limit is {self.config.max_prompt_tokens}")
-        vocab = len(self.tok)
-        if any(not 0 <= t < vocab for t in ids):
-            raise InvalidRequest("prompt", f"token ids must be in [0, {vocab})")
+        # an empty prompt or ids outside the model's vocabulary: the engine refuses them (field "prompt")
         settings = tier.resolve(name, diffusion.overrides())
         payload = dict(
             prompt=list(ids),
@@ -252,6 +245,18 @@ class Router(GrpcMethods):
         finally:
             gen.cancel()  # a no-op when finished; a disconnect or deadline frees the slot in the engine
 
+    async def _http_open(
+        self, ids: list[int], body: Diffusion, request: Request, max_new: int | None, stream_drafts: bool = False
+    ) -> tuple[Prepared, AsyncIterator] | JSONResponse:
+        """prepare + open for an HTTP route; a refusal becomes its 400 / 429 before any byte is sent."""
+        try:
+            prep = self.prepare(ids, body, request.headers.get("x-tier"), max_new, stream_drafts)
+            return prep, await self.open(prep)
+        except InvalidRequest as exc:
+            return error_response(400, str(exc), exc.field)
+        except Overloaded as exc:
+            return error_response(429, str(exc), retry_after=exc.retry_after_s)
+
     def chat_ids(self, messages: list[dict]) -> list[int]:
         ids = self.tok.apply_chat_template(messages, add_generation_prompt=True)
         return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
@@ -288,13 +293,10 @@ class Router(GrpcMethods):
             return error_response(
                 400, f"model: unknown model {body.model!r}; this server has {self.model_id!r}", "model"
             )
-        try:
-            prep = self.prepare(ids, body, request.headers.get("x-tier"), body.length())
-            events = await self.open(prep)  # refusals surface before any byte is sent
-        except InvalidRequest as exc:
-            return error_response(400, str(exc), exc.field)
-        except Overloaded as exc:
-            return error_response(429, str(exc), retry_after=exc.retry_after_s)
+        opened = await self._http_open(ids, body, request, body.length())
+        if isinstance(opened, JSONResponse):
+            return opened
+        prep, events = opened
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{int(time.time() * 1000)}"
         obj = "chat.completion" if chat else "text_completion"
         detok = Detokenizer(self.tok)
@@ -368,13 +370,10 @@ class Router(GrpcMethods):
             ids = self.text_ids(body.prompt)
         else:
             ids = body.token_ids
-        try:
-            prep = self.prepare(ids, body, request.headers.get("x-tier"), body.max_new_tokens, body.stream_drafts)
-            events = await self.open(prep)
-        except InvalidRequest as exc:
-            return error_response(400, str(exc), exc.field)
-        except Overloaded as exc:
-            return error_response(429, str(exc), retry_after=exc.retry_after_s)
+        opened = await self._http_open(ids, body, request, body.max_new_tokens, body.stream_drafts)
+        if isinstance(opened, JSONResponse):
+            return opened
+        prep, events = opened
         detok = Detokenizer(self.tok)
 
         def as_json(e) -> dict:
@@ -407,12 +406,7 @@ class Router(GrpcMethods):
                 yield "data: [DONE]\n\n"
 
             return StreamingResponse(sse(), media_type="text/event-stream")
-        tokens, final = [], None
-        async for e in events:
-            if isinstance(e, CanvasEvent):
-                tokens += e.tokens
-            elif isinstance(e, FinalEvent):
-                final = e
+        tokens, final = await collect(events)
         return {
             "text": self.tok.decode(tokens, skip_special_tokens=True),
             "token_ids": tokens,
