@@ -9,7 +9,9 @@ Two kinds of checkable tasks, plus plain English from the `pydoc_data` topics th
    letter or mixes squares, while each extra denoising step pins one more position and the rest follow.
 
 Letters are written space-separated and digits unspaced: the tokenizer splits digits one per token, and a
-space before a letter belongs to the letter's token, so every letter and digit is one token.
+space before a letter belongs to the letter's token, so every letter and digit is one token. Answers in letters
+start with a space too, so an answer's first letter is the same token as that letter in the prompt (without
+it the model has to learn that `x` and ` x` are one letter before it can tell which letters are still free).
 """
 
 from __future__ import annotations
@@ -42,10 +44,15 @@ def spaced(items) -> str:
     return " ".join(items)
 
 
+def letters(items) -> str:
+    """An answer in letters: each one after a space, the first included."""
+    return "".join(" " + x for x in items)
+
+
 def make(task: str, rnd: random.Random) -> Example:
     if task == "reverse":
         w = rnd.choices(LETTERS, k=rnd.randint(3, 7))
-        return Example(task, f"reverse: {spaced(w)}", spaced(reversed(w)))
+        return Example(task, f"reverse: {spaced(w)}", letters(reversed(w)))
     if task == "sort":
         d = rnd.choices("0123456789", k=rnd.randint(4, 7))
         return Example(task, f"sort: {''.join(d)}", "".join(sorted(d)))
@@ -54,14 +61,14 @@ def make(task: str, rnd: random.Random) -> Example:
         return Example(task, f"add: {a} + {b}", str(a + b))
     if task == "shift":
         w = rnd.choices(LETTERS[:-1], k=rnd.randint(3, 7))
-        return Example(task, f"shift: {spaced(w)}", spaced(chr(ord(c) + 1) for c in w))
+        return Example(task, f"shift: {spaced(w)}", letters(chr(ord(c) + 1) for c in w))
     if task == "pick":
         pool = rnd.sample(LETTERS, rnd.randint(5, 8))
         k = rnd.randint(3, 4)
-        return Example(task, f"pick {k} distinct: {spaced(pool)}", spaced(rnd.sample(pool, k)))
+        return Example(task, f"pick {k} distinct: {spaced(pool)}", letters(rnd.sample(pool, k)))
     if task == "arrange":
-        letters = rnd.sample(LETTERS, rnd.randint(3, 5))
-        return Example(task, f"arrange in any order: {spaced(letters)}", spaced(rnd.sample(letters, len(letters))))
+        chosen = rnd.sample(LETTERS, rnd.randint(3, 5))
+        return Example(task, f"arrange in any order: {spaced(chosen)}", letters(rnd.sample(chosen, len(chosen))))
     if task == "latin":
         square = rnd.choice(LATIN_SQUARES)
         shown = set(rnd.sample(range(9), rnd.randint(1, 2)))
@@ -131,7 +138,7 @@ def held_out(n_per_task: int = HELD_OUT_PER_TASK, seed: int = 1234) -> list[Exam
 
 
 # SINGLE + MANY order: the single-answer tasks are learnt early; the rest of the budget goes to the constraints
-DEFAULT_WEIGHTS = (0.6, 0.6, 1.2, 0.6, 2.0, 1.5, 1.5)
+DEFAULT_WEIGHTS = (0.8, 0.6, 1.2, 0.6, 1.5, 2.0, 1.5)
 
 
 def training_batches(

@@ -62,8 +62,9 @@ def test_both_implementations_give_the_same_logits(tok):
 
 def test_held_out_prompts_of_both_kinds_are_answered_at_the_default_settings(tok):
     """The first 5 held-out prompts of each task at the checkpoint's own sampler settings (step cap 16 and
-    adaptive stop), seeds 0..34. Bars from what this checkpoint does (README table: single-answer tasks
-    1.000, pick 0.35, arrange 0.10, latin 0.65 over 40 prompts each), with a prompt of slack per task."""
+    adaptive stop), seeds 0..34. Bars from what this checkpoint does (README table, 40 prompts per task:
+    single-answer tasks 0.80-1.00, many-answer kind 0.66), with some slack (right here: 5, 4, 4, 5 of the
+    single-answer prompts and 10 of the 15 many-answer ones)."""
     net, ckpt = load_network(str(EMBEDDED))
     held = tasks.held_out()
     examples = [e for t in tasks.SINGLE + tasks.MANY for e in [x for x in held if x.task == t][:5]]
@@ -74,5 +75,5 @@ def test_held_out_prompts_of_both_kinds_are_answered_at_the_default_settings(tok
     right = {t: 0 for t in tasks.SINGLE + tasks.MANY}
     for e, o in zip(examples, outs):
         right[e.task] += tasks.check(e, tok.decode(o.tokens, skip_special_tokens=True))
-    assert all(right[t] >= 4 for t in tasks.SINGLE), right
-    assert sum(right[t] for t in tasks.MANY) >= 4, right  # the many-answer kind is still weak (issue 3)
+    assert all(right[t] >= 3 for t in tasks.SINGLE) and sum(right[t] for t in tasks.SINGLE) >= 16, right
+    assert sum(right[t] for t in tasks.MANY) >= 8, right
