@@ -12,6 +12,8 @@ import copy
 
 import torch
 
+from model.config import SamplerSettings
+
 TINY_VISION = dict(
     model_type="gemma4_vision",
     hidden_size=16,
@@ -128,17 +130,18 @@ def hf_generation_config(eos_token_id: list[int], max_denoising_steps: int, max_
     from transformers import DiffusionGemmaGenerationConfig
     from transformers.models.diffusion_gemma.generation_diffusion_gemma import EntropyBoundSamplerConfig
 
+    s = SamplerSettings()
     return DiffusionGemmaGenerationConfig(
         eos_token_id=eos_token_id,
         pad_token_id=0,
         bos_token_id=2,
         max_new_tokens=max_new_tokens,
         max_denoising_steps=max_denoising_steps,
-        sampler_config=EntropyBoundSamplerConfig(entropy_bound=0.1),
-        t_min=0.4,
-        t_max=0.8,
-        stability_threshold=1,
-        confidence_threshold=0.005,
+        sampler_config=EntropyBoundSamplerConfig(entropy_bound=s.entropy_bound),
+        t_min=s.t_min,
+        t_max=s.t_max,
+        stability_threshold=s.stability_threshold,
+        confidence_threshold=s.confidence_threshold,
     )
 
 

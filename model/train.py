@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from model import tasks
 from model.chat import prompt_ids
+from model.config import SamplerSettings
 from model.presets import TINY_VISION, hf_generation_config
 from model.tokenizer_build import BOI, EOI, IMAGE, TURN_END, build_tokenizer
 
@@ -108,8 +109,9 @@ def batch_loss(model, tok, examples: list[tasks.Example], rnd: torch.Generator) 
     xs = torch.where(noisier, torch.randint(0, VOCAB, (b, CANVAS), generator=rnd), x0)
     with torch.no_grad():
         first = model(cache=cache, decoder_input_ids=xs, decoder_attention_mask=dmask).logits
-    # ... and the sampler feeds back temperature-processed logits, T in [t_min, t_max] = [0.4, 0.8]
-    first = first / (0.4 + 0.4 * torch.rand(b, 1, 1, generator=rnd))
+    # ... and the sampler feeds back temperature-processed logits, T in [t_min, t_max] of the shipped settings
+    sampler = SamplerSettings()
+    first = first / (sampler.t_min + (sampler.t_max - sampler.t_min) * torch.rand(b, 1, 1, generator=rnd))
     sc_on = torch.rand(b, generator=rnd) < 0.5
     out = model(
         cache=cache,
