@@ -16,7 +16,6 @@ Every `--monitor-every` steps a line gives the accuracy per task on a small moni
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import time
@@ -33,6 +32,8 @@ from model.tokenizer_build import BOI, EOI, IMAGE, TURN_END, build_tokenizer
 
 CANVAS = 16
 VOCAB = 1024
+EOS_IDS = (1, TURN_END)  # the eos token and the end-of-turn marker both end a reply
+STEPS = 16  # the checkpoint's default step cap
 
 
 def model_config() -> dict:
@@ -129,11 +130,12 @@ def batch_loss(model, tok, examples: list[tasks.Example], rnd: torch.Generator) 
 
 
 class Monitor:
-    """Accuracy per task at 16 steps through our denoiser, on a small monitoring set (the held-out generator
-    under its own seed, so not the evaluation set), printed every `--monitor-every` steps. The loss cannot tell a run
-    whose many-answer accuracy stays low (a wider model reached 0.27 where the shipped one has 0.67, at the same
-    loss), so this is what says early whether a run is worth finishing. It reads the weights only and draws
-    nothing from the run's random streams: the trained weights are the same with or without it."""
+    """Accuracy per task at the default step cap (adaptive stop off) through our denoiser, on a small
+    monitoring set (the held-out generator under its own seed, so not the evaluation set), printed every
+    `--monitor-every` steps. The loss cannot tell a run whose many-answer accuracy stays low (a wider model
+    reached 0.27 where the shipped one has 0.67, at a similar loss), so this is what says early whether a run is
+    worth finishing. It reads the weights only and draws nothing from the run's random streams: the trained
+    weights are the same with or without it."""
 
     def __init__(self, tok, per_task: int = 20) -> None:
         self.tok = tok
@@ -149,8 +151,8 @@ class Monitor:
         state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         net = from_state_dict(TextConfig.from_hf(model.config.to_dict()), state)
         context = max(map(len, self.prompts)) + CANVAS
-        denoiser = Denoiser(net, slots=len(self.prompts), max_context=context, eos_token_ids=(1, TURN_END))
-        settings = dataclasses.replace(SamplerSettings(), max_denoising_steps=16, confidence_threshold=None)
+        denoiser = Denoiser(net, slots=len(self.prompts), max_context=context, eos_token_ids=EOS_IDS)
+        settings = SamplerSettings(max_denoising_steps=STEPS, confidence_threshold=None)
         with torch.inference_mode():
             r = run_cap(denoiser, self.tok, self.examples, self.prompts, settings, seed=0)
         by_task = {t: round(a, 2) for t, a in r["by_task"].items()}
@@ -158,7 +160,7 @@ class Monitor:
 
 
 def save(model, tok, out: Path) -> None:
-    model.generation_config = hf_generation_config([1, TURN_END], max_denoising_steps=16, max_new_tokens=64)
+    model.generation_config = hf_generation_config(list(EOS_IDS), max_denoising_steps=STEPS, max_new_tokens=64)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     tok.save_pretrained(out)
