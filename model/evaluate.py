@@ -56,13 +56,13 @@ def held_out_setup(model: str):
     tok = AutoTokenizer.from_pretrained(ckpt.path)
     examples = tasks.held_out()
     prompts = [prompt_ids(tok, e.prompt) for e in examples]
-    denoiser = Denoiser(
-        net,
-        slots=len(examples),
-        max_context=max(map(len, prompts)) + net.config.canvas_length,
-        eos_token_ids=ckpt.generation.eos_token_ids,
-    )
-    return denoiser, tok, examples, prompts, ckpt.generation
+    return denoiser_for(net, prompts, ckpt.generation.eos_token_ids), tok, examples, prompts, ckpt.generation
+
+
+def denoiser_for(net, prompts: list[list[int]], eos_token_ids) -> Denoiser:
+    """A denoiser with a slot per prompt and room for the longest prompt plus one canvas."""
+    context = max(map(len, prompts)) + net.config.canvas_length
+    return Denoiser(net, slots=len(prompts), max_context=context, eos_token_ids=eos_token_ids)
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -144,14 +144,12 @@ class Monitor:
 
     def __call__(self, model) -> dict[str, float]:
         from model.config import TextConfig
-        from model.denoiser import Denoiser
-        from model.evaluate import run_cap
+        from model.evaluate import denoiser_for, run_cap
         from model.weights import from_state_dict
 
         state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         net = from_state_dict(TextConfig.from_hf(model.config.to_dict()), state)
-        context = max(map(len, self.prompts)) + CANVAS
-        denoiser = Denoiser(net, slots=len(self.prompts), max_context=context, eos_token_ids=EOS_IDS)
+        denoiser = denoiser_for(net, self.prompts, EOS_IDS)
         settings = SamplerSettings(max_denoising_steps=STEPS, confidence_threshold=None)
         with torch.inference_mode():
             r = run_cap(denoiser, self.tok, self.examples, self.prompts, settings, seed=0)
