@@ -17,7 +17,7 @@ from model import rng
 from model.config import SamplerSettings
 from model.kv_cache import KVCache
 from model.network import Network
-from model.sampler import decide, draw, entropy_and_probs, temperature
+from model.sampler import decide, draw, entropy_and_weights, row_max, temperature
 
 
 @dataclass
@@ -236,21 +236,23 @@ class Denoiser:
             else:
                 torch.mm(x, embed.T, out=logits)
             logits.sigmoid_()
-            top, argmax[s:e] = logits.max(-1)
-            logits.sub_(top[:, None]).mul_(scale[s:e, None])
-            entropy[s:e] = entropy_and_probs(logits, probs)
+            top, argmax[s:e] = row_max(logits)
+            # (x - top) * scale in one pass; every entry stays <= 0 (rounding is monotone and the top maps to 0)
+            torch.addcmul((-top * scale[s:e])[:, None], logits, scale[s:e, None], out=logits)
+            entropy[s:e], z = entropy_and_weights(logits, probs)  # probs holds exp(shifted): weights, sum z
             rows = None if wanted is None else wanted[s:e].nonzero().squeeze(1).to(hidden.device)
             if rows is not None and len(rows) < n:
                 soft[s:e] = 0.0
                 if len(rows):
-                    soft[s + rows] = (probs[rows].to(self.net.dtype) @ embed).float()
+                    soft[s + rows] = (probs[rows].to(self.net.dtype) @ embed).float() / z[rows, None]
             elif low:
                 p_low = logit_buf.view(-1).view(self.net.dtype)[: n * vocab].view(n, vocab)
                 p_low.copy_(probs)
-                soft[s:e] = (p_low @ embed).float()
+                soft[s:e] = (p_low @ embed).float() / z[:, None]
             else:
                 torch.mm(probs, embed, out=soft[s:e])
-            sample[s:e] = draw(probs, uniform[s:e], logits)
+                soft[s:e].div_(z[:, None])
+            sample[s:e] = draw(probs, uniform[s:e])
         soft.mul_(self.net.embed_scale)
         return entropy.view(b, C), sample.view(b, C), argmax.view(b, C), soft.view(b, C, h)
 

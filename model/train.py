@@ -157,6 +157,17 @@ class Monitor:
         return {"monitor_single": round(r["single_answer"], 3), "monitor_many": round(r["many_answers"], 3), **by_task}
 
 
+def compile_layers(model) -> None:
+    """Regional compilation: each encoder and decoder layer through torch.compile (inductor fuses the many small
+    norm, RoPE and activation ops around the matmuls). Measured here: 0.35 s per step against 0.47 eager, after
+    about a minute of compiling (longer with a cold compile cache). Each layer compiles once per grad mode and per
+    attention kind, which is more graphs than dynamo's default cache limit of 8; dynamic shapes, because the
+    context length changes from batch to batch."""
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    for layer in [*model.model.encoder.language_model.layers, *model.model.decoder.layers]:
+        layer.compile(dynamic=True)
+
+
 def save(model, tok, out: Path) -> None:
     model.generation_config = hf_generation_config(list(EOS_IDS), max_denoising_steps=STEPS, max_new_tokens=64)
     out.mkdir(parents=True, exist_ok=True)
@@ -173,6 +184,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--warmup", type=int, default=100)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="torch.compile each layer: ~1.3x faster steps, same objective, other rounding (so not the shipped run)",
+    )
     ap.add_argument("--monitor-every", type=int, default=1000, help="steps between monitor lines (0: none)")
     ap.add_argument("--init", type=Path, help="warm-start from this checkpoint instead of random weights")
     ap.add_argument("--english-share", type=float, default=0.05, help="fraction of batches of English passages")
@@ -196,6 +213,8 @@ def main(argv: list[str] | None = None) -> None:
         tok = build_tokenizer(VOCAB, seed=0)  # the tokenizer is part of the data design, not of the run's seed
         model = DiffusionGemmaForBlockDiffusion(DiffusionGemmaConfig(**model_config()))
     model.train()
+    if args.compile:
+        compile_layers(model)
     held = {e.prompt for e in tasks.held_out()}
     weights = tuple(float(w) for w in args.task_weights.split(","))
     next_batch = tasks.training_batches(args.seed, args.batch, held, args.english_share, weights)

@@ -13,7 +13,7 @@ from transformers.models.diffusion_gemma.generation_diffusion_gemma import (
 from model import rng
 from model.config import SamplerSettings
 from model.denoiser import Denoiser, Request
-from model.sampler import accept, decide, draw, entropy_and_probs, temperature
+from model.sampler import accept, decide, draw, entropy_and_weights, row_max, temperature
 from model.weights import load_network
 
 
@@ -35,9 +35,10 @@ def hf_processed(logits: torch.Tensor, t_min: float, t_max: float, cap: int, rem
 def ours_stats(processed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     b, c, v = processed.shape
     flat = processed.reshape(b * c, v)
-    top, argmax = flat.max(-1)
+    top, argmax = row_max(flat, block=4)  # 500 = 125 blocks of 4
     probs = torch.empty_like(flat)
-    entropy = entropy_and_probs(flat - top[:, None], probs)
+    entropy, z = entropy_and_weights(flat - top[:, None], probs)
+    probs.div_(z[:, None])
     return entropy.view(b, c), argmax.view(b, c), probs.view(b, c, v)
 
 
@@ -130,12 +131,33 @@ def test_step_cap_ends_a_canvas_and_renoise_keeps_only_accepted():
 def test_inverse_cdf_draw_follows_the_distribution():
     v, n = 6, 60000
     p = torch.tensor([0.5, 0.25, 0.125, 0.0625, 0.0625, 0.0])
-    probs = p.repeat(n, 1)
     u = rng.random_uniform(torch.tensor([5]), torch.tensor([0]), torch.tensor([0]), rng.DRAW, n)[0]
-    ids = draw(probs, u, torch.empty_like(probs))
-    freq = torch.bincount(ids, minlength=v).float() / n
-    assert (freq - p).abs().max() < 0.01
-    assert freq[5] == 0  # a zero-probability token is never drawn
+    for block in (2, 3, 6):  # blocks of the row, and the whole row as one block
+        weights = (3 * p).repeat(n, 1)  # unnormalised weights are what the denoiser passes
+        ids = draw(weights, u, block=block)
+        freq = torch.bincount(ids, minlength=v).float() / n
+        assert (freq - p).abs().max() < 0.01, block
+        assert freq[5] == 0  # a zero-probability token is never drawn
+
+
+def test_blocked_draw_is_the_inverse_cdf():
+    """Two-level search lands where a search of the whole row's cumulative sum (float64) lands."""
+    gen = torch.Generator().manual_seed(3)
+    weights = torch.rand(400, 1024, generator=gen) ** 8  # uneven rows, like trained logits
+    u = torch.rand(400, generator=gen)
+    ids = draw(weights, u, block=64)
+    cdf = weights.double().cumsum(-1)
+    ref = torch.searchsorted(cdf, (u.double() * cdf[:, -1])[:, None], right=True)[:, 0]
+    assert torch.equal(ids, ref)
+
+
+def test_row_max_takes_the_first_of_tied_maxima():
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randint(0, 6, (300, 96), generator=gen).float()  # many ties within and across blocks
+    for block in (8, 32, 96, 7):  # 7 does not divide 96: one block
+        top, idx = row_max(x, block=block)
+        ref_top, ref_idx = x.max(-1)
+        assert torch.equal(top, ref_top) and torch.equal(idx, ref_idx), block
 
 
 def test_fused_vocabulary_pass_matches_plain_logits(window):

@@ -1,5 +1,6 @@
 """The training script: a few steps write a checkpoint that both implementations load, the run is
-deterministic under its seed, and the progress monitor leaves the trained weights as they would be without it."""
+deterministic under its seed, compiling its layers changes nothing but rounding, and the progress monitor leaves
+the trained weights as they would be without it."""
 
 from __future__ import annotations
 
@@ -37,6 +38,10 @@ def test_a_short_run_is_deterministic_and_the_monitor_changes_nothing(tmp_path, 
     train.main(["--out", str(tmp_path / "c"), "--monitor-every", "0", *common[:-1], "4"])
     assert _mean_abs_difference(tmp_path / "a", tmp_path / "b") < 5e-4
     assert _mean_abs_difference(tmp_path / "a", tmp_path / "c") > 1e-3  # another seed, other weights
+
+    # --compile (each layer through torch.compile) trains the same weights up to rounding
+    train.main(["--out", str(tmp_path / "d"), "--monitor-every", "0", "--compile", *common])
+    assert _mean_abs_difference(tmp_path / "a", tmp_path / "d") < 5e-4
 
     net, ckpt = load_network(str(tmp_path / "a"))
     hf = DiffusionGemmaForBlockDiffusion.from_pretrained(tmp_path / "a")
