@@ -29,7 +29,8 @@ def temperature(step: torch.Tensor, cap: torch.Tensor, t_min: torch.Tensor, t_ma
 
 
 # Vocabulary-sized reductions work in blocks of this many entries: a reduction over a contiguous block vectorises,
-# while torch's max-with-index and cumsum over a whole row do not (measured 3-4x slower at V = 32768).
+# while torch's max-with-index and cumsum over a whole row do not (measured at 512 x 32768 on a busy machine:
+# max with index 49 ms against 10 for the max alone, cumsum 28 ms against 12 for block sums).
 BLOCK = 128
 
 
