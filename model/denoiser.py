@@ -237,8 +237,7 @@ class Denoiser:
                 torch.mm(x, embed.T, out=logits)
             logits.sigmoid_()
             top, argmax[s:e] = row_max(logits)
-            # (x - top) * scale in one pass; every entry stays <= 0 (rounding is monotone and the top maps to 0)
-            torch.addcmul((-top * scale[s:e])[:, None], logits, scale[s:e, None], out=logits)
+            logits.sub_(top[:, None]).mul_(scale[s:e, None])  # two in-place passes: faster here than one addcmul
             entropy[s:e], z = entropy_and_weights(logits, probs)  # probs holds exp(shifted): weights, sum z
             rows = None if wanted is None else wanted[s:e].nonzero().squeeze(1).to(hidden.device)
             if rows is not None and len(rows) < n:
