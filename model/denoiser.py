@@ -219,6 +219,7 @@ class Denoiser:
         scale = (2 * cap / temp).repeat_interleave(C)
         uniform = rng.random_uniform(self.seed[idx], self.canvas_index[idx], step, rng.DRAW, C).reshape(n_tok)
         entropy = torch.empty(n_tok, device=hidden.device)
+        norm = torch.empty(n_tok, device=hidden.device)  # each token's sum of weights: the soft embedding's divisor
         sample = torch.empty(n_tok, dtype=torch.int64, device=hidden.device)
         argmax = torch.empty(n_tok, dtype=torch.int64, device=hidden.device)
         soft = torch.empty(n_tok, h, device=hidden.device)
@@ -238,21 +239,20 @@ class Denoiser:
             logits.sigmoid_()
             top, argmax[s:e] = row_max(logits)
             logits.sub_(top[:, None]).mul_(scale[s:e, None])  # two in-place passes: faster here than one addcmul
-            entropy[s:e], z = entropy_and_weights(logits, probs)  # probs holds exp(shifted): weights, sum z
+            entropy[s:e], norm[s:e] = entropy_and_weights(logits, probs)  # probs holds the unnormalised weights
             rows = None if wanted is None else wanted[s:e].nonzero().squeeze(1).to(hidden.device)
             if rows is not None and len(rows) < n:
                 soft[s:e] = 0.0
                 if len(rows):
-                    soft[s + rows] = (probs[rows].to(self.net.dtype) @ embed).float() / z[rows, None]
+                    soft[s + rows] = (probs[rows].to(self.net.dtype) @ embed).float()
             elif low:
                 p_low = logit_buf.view(-1).view(self.net.dtype)[: n * vocab].view(n, vocab)
                 p_low.copy_(probs)
-                soft[s:e] = (p_low @ embed).float() / z[:, None]
+                soft[s:e] = (p_low @ embed).float()
             else:
                 torch.mm(probs, embed, out=soft[s:e])
-                soft[s:e].div_(z[:, None])
             sample[s:e] = draw(probs, uniform[s:e])
-        soft.mul_(self.net.embed_scale)
+        soft.mul_(self.net.embed_scale / norm[:, None])  # weights @ E / sum: probabilities @ E, once for every path
         return entropy.view(b, C), sample.view(b, C), argmax.view(b, C), soft.view(b, C, h)
 
     def _scratch(self, tile: int, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -132,8 +132,8 @@ def test_inverse_cdf_draw_follows_the_distribution():
     v, n = 6, 60000
     p = torch.tensor([0.5, 0.25, 0.125, 0.0625, 0.0625, 0.0])
     u = rng.random_uniform(torch.tensor([5]), torch.tensor([0]), torch.tensor([0]), rng.DRAW, n)[0]
+    weights = (3 * p).repeat(n, 1)  # unnormalised weights are what the denoiser passes
     for block in (2, 3, 6):  # blocks of the row, and the whole row as one block
-        weights = (3 * p).repeat(n, 1)  # unnormalised weights are what the denoiser passes
         ids = draw(weights, u, block=block)
         freq = torch.bincount(ids, minlength=v).float() / n
         assert (freq - p).abs().max() < 0.01, block
