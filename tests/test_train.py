@@ -57,3 +57,20 @@ def test_the_monitor_measures_a_trained_model():
     line = train.Monitor(AutoTokenizer.from_pretrained(EMBEDDED))(hf)
     assert line["monitor_single"] >= 0.8 and line["monitor_many"] >= 0.4
     assert line["shift"] >= 0.8 and line["pick"] >= 0.5
+
+
+def test_own_noise_draws_from_the_block_and_leaves_plain_runs_unchanged():
+    x0 = torch.zeros(3, train.CANVAS, dtype=torch.long)
+    x0[0, :4] = torch.tensor([40, 41, 42, 4])  # a short answer, then the pad fill
+    x0[1, :3] = torch.tensor([50, 51, 4])
+    x0[2] = torch.arange(100, 100 + train.CANVAS)  # a block with no pad fill
+    own = torch.tensor([True, False, True])
+    ids = train.noise_ids(x0, own, torch.Generator().manual_seed(0))
+    assert set(ids[0].tolist()) <= {40, 41, 42, 4} and len(set(ids[0].tolist())) > 1
+    assert set(ids[2].tolist()) <= set(x0[2].tolist())
+    assert not set(ids[1].tolist()) <= {50, 51, 4}  # uniform over the vocabulary
+    # no own rows: exactly the plain uniform draw, and nothing more taken from the generator
+    gen_a, gen_b = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    plain = train.noise_ids(x0, torch.zeros(3, dtype=torch.bool), gen_a)
+    assert torch.equal(plain, torch.randint(0, train.VOCAB, (3, train.CANVAS), generator=gen_b))
+    assert torch.equal(torch.rand(4, generator=gen_a), torch.rand(4, generator=gen_b))
