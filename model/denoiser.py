@@ -239,7 +239,7 @@ class Denoiser:
             logits.sigmoid_()
             top, argmax[s:e] = row_max(logits)
             logits.sub_(top[:, None]).mul_(scale[s:e, None])  # two in-place passes: faster here than one addcmul
-            entropy[s:e], norm[s:e] = entropy_and_weights(logits, probs)  # probs holds the unnormalised weights
+            entropy[s:e], norm[s:e], sums = entropy_and_weights(logits, probs)  # probs holds the unnormalised weights
             rows = None if wanted is None else wanted[s:e].nonzero().squeeze(1).to(hidden.device)
             if rows is not None and len(rows) < n:
                 soft[s:e] = 0.0
@@ -251,7 +251,7 @@ class Denoiser:
                 soft[s:e] = (p_low @ embed).float()
             else:
                 torch.mm(probs, embed, out=soft[s:e])
-            sample[s:e] = draw(probs, uniform[s:e])
+            sample[s:e] = draw(probs, uniform[s:e], block_sums=sums)
         soft.mul_(self.net.embed_scale / norm[:, None])  # weights @ E / sum: probabilities @ E, once for every path
         return entropy.view(b, C), sample.view(b, C), argmax.view(b, C), soft.view(b, C, h)
 

@@ -6,10 +6,10 @@ cap, a categorical sample at every position, acceptance of the lowest-entropy po
 argmax canvas is stable and the mean entropy is under the confidence threshold (or the cap is hit). The
 committed canvas is the argmax of the last step.
 
-The vocabulary-sized work is done once per token: one blocked max (which gives the argmax), one exp, one sum,
-one dot product for the entropy, one blocked sum for the sample; the same unnormalised probabilities feed the
-soft embedding and the sample. Randomness comes from model.rng, keyed by (seed, canvas, step, position), so a
-row's draws never depend on its neighbours.
+The vocabulary-sized work is done once per token: one blocked max (which gives the argmax), one exp, one blocked
+sum (the normaliser and the sample's first search), one dot product for the entropy; the same unnormalised
+probabilities feed the soft embedding and the sample. Randomness comes from model.rng, keyed by (seed, canvas,
+step, position), so a row's draws never depend on its neighbours.
 """
 
 from __future__ import annotations
@@ -51,28 +51,41 @@ def row_max(x: torch.Tensor, block: int = BLOCK) -> tuple[torch.Tensor, torch.Te
     return top, k * b + j
 
 
-def entropy_and_weights(shifted: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def entropy_and_weights(
+    shifted: torch.Tensor, weights: torch.Tensor, block: int = BLOCK
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-token entropy of softmax(shifted), where shifted = logits/T - max (so every entry is <= 0).
 
     Writes the unnormalised probabilities exp(shifted) into `weights` (same shape, reused buffer) and returns
-    (entropies [n], normalisers z [n]); the probabilities are weights / z, a division left to the consumers of
-    their [n, hidden] or [n] products. `shifted` is overwritten (it serves as scratch).
+    (entropies [n], normalisers z [n], block sums [n, V / block]); the probabilities are weights / z, a division
+    left to the consumers of their [n, hidden] or [n] products, and the block sums are what `draw` searches first
+    (z is their sum: one pass over the vocabulary serves both). `shifted` is overwritten (it serves as scratch).
     H = log z - sum(w * shifted) / z: the max-shifted form keeps the error near 1e-5 nats on peaked rows.
     """
     torch.exp(shifted, out=weights)
-    z = weights.sum(-1)
+    sums = _block_sums(weights, block)
+    z = sums.sum(-1)
     dot = shifted.mul_(weights).sum(-1)
-    return torch.log(z) - dot / z, z
+    return torch.log(z) - dot / z, z, sums
 
 
-def draw(weights: torch.Tensor, uniform: torch.Tensor, block: int = BLOCK) -> torch.Tensor:
+def _block_sums(weights: torch.Tensor, block: int) -> torch.Tensor:
+    n, v = weights.shape
+    b = _blocks(weights, block)
+    return weights.view(n, v // b, b).sum(-1)
+
+
+def draw(
+    weights: torch.Tensor, uniform: torch.Tensor, block: int = BLOCK, block_sums: torch.Tensor | None = None
+) -> torch.Tensor:
     """Exact categorical samples from unnormalised weights [n, V] by inverse CDF, one uniform per token: the
-    target u * total falls in a block (cumulative block sums), then at an index within it (cumulative sum of
-    that block only), so the full-row cumsum is never formed."""
+    target u * total falls in a block (cumulative block sums, computed here unless given by
+    entropy_and_weights with the same block), then at an index within it (cumulative sum of that block only),
+    so the full-row cumsum is never formed."""
     n, v = weights.shape
     b = _blocks(weights, block)
     grid = weights.view(n, v // b, b)
-    cum = grid.sum(-1).cumsum(-1)  # [n, blocks]
+    cum = (_block_sums(weights, block) if block_sums is None else block_sums).cumsum(-1)  # [n, blocks]
     target = uniform * cum[:, -1]
     k = torch.searchsorted(cum, target[:, None], right=True)[:, 0].clamp_(max=v // b - 1)
     before = torch.where(k > 0, cum.gather(1, (k - 1).clamp(min=0)[:, None])[:, 0], 0.0)

@@ -37,7 +37,7 @@ def ours_stats(processed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tor
     flat = processed.reshape(b * c, v)
     top, argmax = row_max(flat, block=4)  # 500 = 125 blocks of 4
     probs = torch.empty_like(flat)
-    entropy, z = entropy_and_weights(flat - top[:, None], probs)
+    entropy, z, _ = entropy_and_weights(flat - top[:, None], probs, block=4)
     probs.div_(z[:, None])
     return entropy.view(b, c), argmax.view(b, c), probs.view(b, c, v)
 
