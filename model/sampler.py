@@ -34,21 +34,20 @@ def temperature(step: torch.Tensor, cap: torch.Tensor, t_min: torch.Tensor, t_ma
 BLOCK = 128
 
 
-def _blocks(x: torch.Tensor, block: int) -> int:
-    """Block size for rows of x: `block` when it divides the row, else the whole row (one block)."""
-    v = x.shape[-1]
-    return block if v % block == 0 else v
+def _grid(x: torch.Tensor, block: int) -> torch.Tensor:
+    """x [n, V] seen as [n, blocks, b]: blocks of `block` entries when that divides the row, else one block."""
+    n, v = x.shape
+    b = block if v % block == 0 else v
+    return x.view(n, v // b, b)
 
 
 def row_max(x: torch.Tensor, block: int = BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
     """(max, argmax) of each row of x [n, V], the first index on ties as torch.max gives: the max of each block,
     the first block holding the row max, then the first index of it within that block."""
-    n, v = x.shape
-    b = _blocks(x, block)
-    grid = x.view(n, v // b, b)
+    grid = _grid(x, block)
     top, k = grid.amax(-1).max(-1)
-    j = grid[torch.arange(n, device=x.device), k].argmax(-1)
-    return top, k * b + j
+    j = grid[torch.arange(x.shape[0], device=x.device), k].argmax(-1)
+    return top, k * grid.shape[-1] + j
 
 
 def entropy_and_weights(
@@ -57,41 +56,37 @@ def entropy_and_weights(
     """Per-token entropy of softmax(shifted), where shifted = logits/T - max (so every entry is <= 0).
 
     Writes the unnormalised probabilities exp(shifted) into `weights` (same shape, reused buffer) and returns
-    (entropies [n], normalisers z [n], block sums [n, V / block]); the probabilities are weights / z, a division
+    (entropies [n], normalisers z [n], block sums [n, blocks]); the probabilities are weights / z, a division
     left to the consumers of their [n, hidden] or [n] products, and the block sums are what `draw` searches first
     (z is their sum: one pass over the vocabulary serves both). `shifted` is overwritten (it serves as scratch).
     H = log z - sum(w * shifted) / z: the max-shifted form keeps the error near 1e-5 nats on peaked rows.
     """
     torch.exp(shifted, out=weights)
-    sums = _block_sums(weights, block)
+    sums = _grid(weights, block).sum(-1)
     z = sums.sum(-1)
     dot = shifted.mul_(weights).sum(-1)
     return torch.log(z) - dot / z, z, sums
-
-
-def _block_sums(weights: torch.Tensor, block: int) -> torch.Tensor:
-    n, v = weights.shape
-    b = _blocks(weights, block)
-    return weights.view(n, v // b, b).sum(-1)
 
 
 def draw(
     weights: torch.Tensor, uniform: torch.Tensor, block: int = BLOCK, block_sums: torch.Tensor | None = None
 ) -> torch.Tensor:
     """Exact categorical samples from unnormalised weights [n, V] by inverse CDF, one uniform per token: the
-    target u * total falls in a block (cumulative block sums, computed here unless given by
-    entropy_and_weights with the same block), then at an index within it (cumulative sum of that block only),
-    so the full-row cumsum is never formed."""
+    target u * total falls in a block (cumulative block sums: `block_sums` from entropy_and_weights, whose
+    blocks then set the block size, or computed here in blocks of `block`), then at an index within it
+    (cumulative sum of that block only), so the full-row cumsum is never formed."""
     n, v = weights.shape
-    b = _blocks(weights, block)
-    grid = weights.view(n, v // b, b)
-    cum = (_block_sums(weights, block) if block_sums is None else block_sums).cumsum(-1)  # [n, blocks]
+    if block_sums is None:
+        block_sums = _grid(weights, block).sum(-1)
+    blocks = block_sums.shape[-1]
+    grid = weights.view(n, blocks, v // blocks)
+    cum = block_sums.cumsum(-1)  # [n, blocks]
     target = uniform * cum[:, -1]
-    k = torch.searchsorted(cum, target[:, None], right=True)[:, 0].clamp_(max=v // b - 1)
+    k = torch.searchsorted(cum, target[:, None], right=True)[:, 0].clamp_(max=blocks - 1)
     before = torch.where(k > 0, cum.gather(1, (k - 1).clamp(min=0)[:, None])[:, 0], 0.0)
     inner = grid[torch.arange(n, device=weights.device), k].cumsum(-1)  # [n, b]
-    j = torch.searchsorted(inner, (target - before)[:, None], right=True)[:, 0].clamp_(max=b - 1)
-    return k * b + j
+    j = torch.searchsorted(inner, (target - before)[:, None], right=True)[:, 0].clamp_(max=grid.shape[-1] - 1)
+    return k * grid.shape[-1] + j
 
 
 def accept(entropy: torch.Tensor, bound: torch.Tensor) -> torch.Tensor:
