@@ -144,6 +144,7 @@ class Engine:
         self._busy_since: float | None = None
         self.iterations = 0
         self.forwards = 0
+        self.busy_s = 0.0  # time spent running plans (the rest of the engine's life it waited for requests)
         self._iteration_s = 0.0  # moving average of one iteration's wall time
 
     # ---------------------------------------------------------------- public API
@@ -255,8 +256,11 @@ class Engine:
                 self._busy_since = None
             self._apply(plan, outcome)
             self.iterations += 1
-            self._iteration_s += 0.1 * (time.monotonic() - began - self._iteration_s)
+            took = time.monotonic() - began
+            self.busy_s += took
+            self._iteration_s += 0.1 * (took - self._iteration_s)
             m = self.metrics
+            m.busy.labels(self.name).inc(took)
             m.queue_depth.labels(self.name).set(len(self.scheduler.queue))
             m.occupancy.labels(self.name).set(len(self.scheduler.live) / self.scheduler.slots)
             await asyncio.sleep(0)  # let submissions and cancels in between iterations

@@ -11,6 +11,8 @@ register a name twice. Names:
 - dgs_queue_time_seconds (histogram): arrival to admission
 - dgs_time_to_first_canvas_seconds (histogram): arrival to the first committed canvas
 - dgs_requests_total (counter, by outcome): eos, length, cancelled, error, rejected, overloaded
+- dgs_busy_seconds_total (counter): time the loop spent running forwards; its rate is the engine's utilisation
+  (near 1: the replica is saturated and more load only queues)
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ class EngineMetrics:
     queue_time: Histogram
     time_to_first_canvas: Histogram
     requests: Counter
+    busy: Counter
 
 
 _by_registry: dict[int, EngineMetrics] = {}
@@ -75,5 +78,6 @@ def engine_metrics(registry: CollectorRegistry = REGISTRY) -> EngineMetrics:
                 **r,
             ),
             requests=Counter("dgs_requests", "Requests by outcome", ["engine", "outcome"], **r),
+            busy=Counter("dgs_busy_seconds", "Time the engine loop spent running forwards", ["engine"], **r),
         )
     return _by_registry[key]

@@ -106,6 +106,7 @@ def test_outputs_match_running_alone_whether_batched_or_joining_mid_flight(net):
     assert metric("dgs_time_to_first_canvas_seconds_count") == len(reqs)
     assert metric("dgs_requests_total", outcome="length") == len(reqs)
     assert metric("dgs_queue_depth") == 0 and metric("dgs_batch_occupancy") == 0
+    assert 0 < metric("dgs_busy_seconds_total") == engine.busy_s  # every iteration's forwards counted
 
 
 def test_drafts_stream_every_step_and_end_in_the_committed_canvas(net):
