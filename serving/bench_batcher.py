@@ -18,9 +18,10 @@ work. The contenders run one after another on the same arrival schedule (each re
 
 Throughput is generated tokens over the time from the first arrival to the last completion; latency is
 completion minus arrival. The last line printed is one JSON object; `ours_busy_fraction` is the share of that
-time our engine spent running forwards. The default rate offers more than any contender can serve here, so
-each one's tokens/s is its capacity: at 0.5 requests/s ours sat idle between arrivals for 13% of its run (busy
-62.9 of 72.2 s, 64 of 140 iterations a single row), and its tokens/s measured the arrival process.
+time our engine spent in iterations (forwards and their events). The default rate offers more than any
+contender can serve here, so each one's tokens/s is its capacity: at 0.5 requests/s ours sat idle between
+arrivals for 13% of its run (busy 62.9 of 72.2 s, 64 of 140 iterations a single row), and its tokens/s measured
+the arrival process.
 """
 
 from __future__ import annotations
@@ -87,7 +88,7 @@ async def until(start: float, offset: float) -> float:
 
 
 async def ours(denoiser: Denoiser, items: list[Item], busy: dict[str, float]) -> list[Done]:
-    """Also records in `busy["s"]` the time the engine spent running forwards (the rest it waited for arrivals)."""
+    """Also records in `busy["s"]` the time the engine spent in iterations (the rest it waited for arrivals)."""
     engine = Engine(denoiser, max_queue=len(items), registry=CollectorRegistry())
     engine.start()
     start = time.perf_counter()

@@ -144,7 +144,7 @@ class Engine:
         self._busy_since: float | None = None
         self.iterations = 0
         self.forwards = 0
-        self.busy_s = 0.0  # time spent running plans (the rest of the engine's life it waited for requests)
+        self.busy_s = 0.0  # time spent in iterations, forwards and events (the rest it waited for requests)
         self._iteration_s = 0.0  # moving average of one iteration's wall time
 
     # ---------------------------------------------------------------- public API

@@ -11,8 +11,8 @@ register a name twice. Names:
 - dgs_queue_time_seconds (histogram): arrival to admission
 - dgs_time_to_first_canvas_seconds (histogram): arrival to the first committed canvas
 - dgs_requests_total (counter, by outcome): eos, length, cancelled, error, rejected, overloaded
-- dgs_busy_seconds_total (counter): time the loop spent running forwards; its rate is the engine's utilisation
-  (near 1: the replica is saturated and more load only queues)
+- dgs_busy_seconds_total (counter): time the loop spent in iterations (a plan's forwards, then its events); its
+  rate is the engine's utilisation (near 1: the replica is saturated and more load only queues)
 """
 
 from __future__ import annotations
@@ -78,6 +78,6 @@ def engine_metrics(registry: CollectorRegistry = REGISTRY) -> EngineMetrics:
                 **r,
             ),
             requests=Counter("dgs_requests", "Requests by outcome", ["engine", "outcome"], **r),
-            busy=Counter("dgs_busy_seconds", "Time the engine loop spent running forwards", ["engine"], **r),
+            busy=Counter("dgs_busy_seconds", "Time the engine loop spent in iterations", ["engine"], **r),
         )
     return _by_registry[key]
