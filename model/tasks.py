@@ -4,8 +4,8 @@ Two kinds of checkable tasks, plus plain English from the `pydoc_data` topics th
 
 1. single answer, checked by exact match: reverse letters, sort digits, add two numbers, shift letters;
 2. many answers, checked by a validity function: pick k distinct letters from a set, arrange given letters in
-   any order, complete a 3x3 Latin square. Here the answer's positions depend on each other: every free
-   position sees the same spread of choices, so committing them all at once (argmax of each) repeats a
+   any order, complete a 3x3 Latin square (blanks written 0). Here the answer's positions depend on each other:
+   every free position sees the same spread of choices, so committing them all at once (argmax of each) repeats a
    letter or mixes squares, while each extra denoising step pins one more position and the rest follow.
 
 Letters are written space-separated and digits unspaced: the tokenizer splits digits one per token, and a
@@ -49,6 +49,13 @@ def letters(items) -> str:
     return "".join(" " + x for x in items)
 
 
+def grid_text(cells: str) -> str:
+    """Nine cells of a 3x3 grid as three rows of digits, ' 200 / 002 / 000', 0 for a blank: one token per digit.
+    (Blanks were `_` once, and BPE merges runs of them, `__` and ` ___`, so a blank row was one token that said
+    nothing of where its cells sat; the model learnt latin squares far worse.)"""
+    return " " + " / ".join(cells[r * 3 : r * 3 + 3] for r in range(3))
+
+
 def make(task: str, rnd: random.Random) -> Example:
     if task == "reverse":
         w = rnd.choices(LETTERS, k=rnd.randint(3, 7))
@@ -72,9 +79,8 @@ def make(task: str, rnd: random.Random) -> Example:
     if task == "latin":
         square = rnd.choice(LATIN_SQUARES)
         shown = set(rnd.sample(range(9), rnd.randint(1, 2)))
-        grid = [square[i] if i in shown else "_" for i in range(9)]
-        rows = " / ".join("".join(grid[r * 3 : r * 3 + 3]) for r in range(3))
-        return Example(task, f"latin square: {rows}", square)
+        cells = "".join(square[i] if i in shown else "0" for i in range(9))
+        return Example(task, f"latin square:{grid_text(cells)}", grid_text(square))
     raise ValueError(f"unknown task {task!r}")
 
 
@@ -91,9 +97,9 @@ def check(example: Example, reply: str) -> bool:
     if example.task == "arrange":
         return sorted(got) == sorted(p.split(":", 1)[1].split())
     if example.task == "latin":
-        digits = "".join(got)
+        digits = "".join(reply.replace("/", " ").split())
         grid = "".join(p.split(":", 1)[1].replace("/", " ").split())
-        return digits in LATIN_SQUARES and all(g in ("_", s) for g, s in zip(grid, digits))
+        return digits in LATIN_SQUARES and all(g in ("0", s) for g, s in zip(grid, digits))
     raise ValueError(f"unknown task {example.task!r}")
 
 
