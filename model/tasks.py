@@ -56,6 +56,11 @@ def grid_text(cells: str) -> str:
     return " " + " / ".join(cells[r * 3 : r * 3 + 3] for r in range(3))
 
 
+def grid_cells(text: str) -> str:
+    """grid_text's inverse: the nine cells of ' 200 / 002 / 000' as '200002000' (whatever the spacing)."""
+    return "".join(text.replace("/", " ").split())
+
+
 def make(task: str, rnd: random.Random) -> Example:
     if task == "reverse":
         w = rnd.choices(LETTERS, k=rnd.randint(3, 7))
@@ -97,8 +102,7 @@ def check(example: Example, reply: str) -> bool:
     if example.task == "arrange":
         return sorted(got) == sorted(p.split(":", 1)[1].split())
     if example.task == "latin":
-        digits = "".join(reply.replace("/", " ").split())
-        grid = "".join(p.split(":", 1)[1].replace("/", " ").split())
+        digits, grid = grid_cells(reply), grid_cells(p.split(":", 1)[1])
         return digits in LATIN_SQUARES and all(g in ("0", s) for g, s in zip(grid, digits))
     raise ValueError(f"unknown task {example.task!r}")
 
