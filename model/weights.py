@@ -272,10 +272,18 @@ def load_network(
             handles[f] = safe_open(f, framework="pt", device=device_str)
         return handles[f]
 
+    def tensor(name: str) -> torch.Tensor:
+        # safetensors (0.8) hands out CPU tensors that map the file itself, at the file's byte offsets: a cast to
+        # the same dtype keeps that storage, unaligned (float sums then split differently with the file's layout:
+        # a sharded copy of a checkpoint gave logits 1e-7 apart) and tied to a file that may be rewritten under a
+        # running server. One copy per tensor gives every weight memory of its own.
+        t = handle(name).get_tensor(name)
+        return t.clone() if t.device.type == "cpu" else t
+
     total = sum(os.path.getsize(f) for f in set(files.values()))
     weights = build_weights(
         ckpt.config,
-        lambda n: handle(n).get_tensor(n),
+        tensor,
         set(files),
         lambda n: tuple(handle(n).get_slice(n).get_shape()),
         device,
