@@ -88,8 +88,8 @@ def noise_ids(x0: torch.Tensor, own: torch.Tensor, rnd: torch.Generator) -> torc
     plausible yet wrong, so it learns to check the canvas against the constraint and doubt a repeat.
     Off by default: one 10,000-step run with it on half the rows and `--rate-power 2` (the two not separated)
     ended below the checkpoint shipped then (0.75 / 0.27 against 0.90 / 0.67 at 16 steps), addition worst. On
-    30% of the rows alone it helped: same seed and threads, 0.893 overall at 16 steps against 0.832 without it,
-    arrange 0.725 -> 1.000 (README, "What moved the held-out accuracy")."""
+    30% of the rows alone, two pairs of runs (same seed and threads, with and without it) disagree: 0.893 overall
+    at 16 steps against 0.832, then 0.818 against 0.875 (README, "What moved the held-out accuracy")."""
     b = x0.shape[0]
     uniform = torch.randint(0, VOCAB, (b, CANVAS), generator=rnd)
     if not own.any():  # draws nothing more: a run without own noise repeats the runs from before it existed
