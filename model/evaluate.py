@@ -1,9 +1,12 @@
 """Accuracy of a checkpoint against the denoising-step cap, on the held-out tasks, through our denoiser.
 
-    python -m model.evaluate [--model PATH] [--caps 1,2,4,8,16,32] [--seed 0]
+    python -m model.evaluate [--model PATH] [--caps 1,2,4,8,16,32] [--seed 0] [--split validation --entropy-bound B]
 
 Every held-out prompt (model/tasks.py, both kinds) runs at each step cap with adaptive stopping off, then
 once with the checkpoint's own adaptive stop. Prints a table, then one JSON object as the last line.
+`--split validation` runs the validation set instead (tasks.validation: for choosing sampler defaults, such as
+the embedded checkpoint's entropy bound, without looking at the held-out set), and `--entropy-bound` replaces the
+checkpoint's bound in every row.
 tokens/s counts the tokens returned (answers and their end-of-turn marker) over the wall time of the whole
 batch at that cap.
 """
@@ -47,14 +50,14 @@ def run_cap(denoiser, tok, examples, prompts, settings: SamplerSettings, seed: i
     }
 
 
-def held_out_setup(model: str):
-    """(denoiser with a slot per held-out prompt, tokenizer, held-out examples, their prompt ids, the
+def held_out_setup(model: str, examples: list[tasks.Example] | None = None):
+    """(denoiser with a slot per prompt, tokenizer, examples (default: the held-out set), their prompt ids, the
     checkpoint's generation defaults) for a checkpoint folder or hub id."""
     from transformers import AutoTokenizer
 
     net, ckpt = load_network(model)
     tok = AutoTokenizer.from_pretrained(ckpt.path)
-    examples = tasks.held_out()
+    examples = tasks.held_out() if examples is None else examples
     prompts = [prompt_ids(tok, e.prompt) for e in examples]
     return denoiser_for(net, prompts, ckpt.generation.eos_token_ids), tok, examples, prompts, ckpt.generation
 
@@ -70,15 +73,21 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--model", default=str(EMBEDDED), help="checkpoint folder or hub id (default: the shipped model)")
     ap.add_argument("--caps", default="1,2,4,8,16,32")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--split", choices=("held-out", "validation"), default="held-out")
+    ap.add_argument("--entropy-bound", type=float, help="sampler entropy bound (default: the checkpoint's)")
     args = ap.parse_args(argv)
 
-    denoiser, tok, examples, prompts, gen = held_out_setup(args.model)
+    examples = tasks.validation() if args.split == "validation" else None
+    denoiser, tok, examples, prompts, gen = held_out_setup(args.model, examples)
+    sampler = gen.sampler
+    if args.entropy_bound is not None:
+        sampler = dataclasses.replace(sampler, entropy_bound=args.entropy_bound)
     caps = [int(c) for c in args.caps.split(",")]
     fixed = {}
     for cap in caps:
-        settings = dataclasses.replace(gen.sampler, max_denoising_steps=cap, confidence_threshold=None)
+        settings = dataclasses.replace(sampler, max_denoising_steps=cap, confidence_threshold=None)
         fixed[cap] = run_cap(denoiser, tok, examples, prompts, settings, args.seed)
-    adaptive = run_cap(denoiser, tok, examples, prompts, gen.sampler, args.seed)
+    adaptive = run_cap(denoiser, tok, examples, prompts, sampler, args.seed)
 
     tasks_cols = list(tasks.SINGLE + tasks.MANY)
     print(f"{'steps':>9} {'all':>5} {'single':>6} {'many':>5} " + " ".join(f"{t:>7}" for t in tasks_cols) + "  tok/s")
@@ -91,6 +100,8 @@ def main(argv: list[str] | None = None) -> dict:
         )
     result = {
         "model": str(args.model),
+        "split": args.split,
+        "entropy_bound": sampler.entropy_bound,
         "prompts": len(examples),
         "accuracy_by_steps": {c: round(r["accuracy"], 4) for c, r in fixed.items()},
         "accuracy_by_steps_single_answer": {c: round(r["single_answer"], 4) for c, r in fixed.items()},
@@ -98,7 +109,7 @@ def main(argv: list[str] | None = None) -> dict:
         "tokens_per_s_by_steps": {c: round(r["tokens_per_s"], 1) for c, r in fixed.items()},
         "accuracy_adaptive": round(adaptive["accuracy"], 4),
         "mean_steps_adaptive": round(adaptive["mean_steps"], 3),
-        "adaptive_cap": gen.sampler.max_denoising_steps,
+        "adaptive_cap": sampler.max_denoising_steps,
     }
     print(json.dumps(result))
     return result

@@ -124,9 +124,12 @@ def preset(name: str, **text_overrides) -> dict:
     return cfg
 
 
-def hf_generation_config(eos_token_id: list[int], max_denoising_steps: int, max_new_tokens: int):
+def hf_generation_config(
+    eos_token_id: list[int], max_denoising_steps: int, max_new_tokens: int, entropy_bound: float | None = None
+):
     """A transformers DiffusionGemmaGenerationConfig with the sampler defaults written out, as a checkpoint's
-    generation_config.json should carry them (a fresh model's config has no eos/pad, so EOS would not stop)."""
+    generation_config.json should carry them (a fresh model's config has no eos/pad, so EOS would not stop).
+    The sampler defaults are transformers' unless `entropy_bound` is given."""
     from transformers import DiffusionGemmaGenerationConfig
     from transformers.models.diffusion_gemma.generation_diffusion_gemma import EntropyBoundSamplerConfig
 
@@ -137,7 +140,7 @@ def hf_generation_config(eos_token_id: list[int], max_denoising_steps: int, max_
         bos_token_id=2,
         max_new_tokens=max_new_tokens,
         max_denoising_steps=max_denoising_steps,
-        sampler_config=EntropyBoundSamplerConfig(entropy_bound=s.entropy_bound),
+        sampler_config=EntropyBoundSamplerConfig(entropy_bound=entropy_bound or s.entropy_bound),
         t_min=s.t_min,
         t_max=s.t_max,
         stability_threshold=s.stability_threshold,

@@ -147,6 +147,14 @@ def held_out(n_per_task: int = HELD_OUT_PER_TASK, seed: int = 1234) -> list[Exam
     return out
 
 
+def validation(n_per_task: int = 60, seed: int = 777) -> list[Example]:
+    """A set for choosing sampler defaults, so that no choice is fitted to the evaluation set: the same generator
+    under another seed, less every held-out prompt. Training does not reject these prompts (it may have seen some),
+    so the set ranks settings; it does not estimate accuracy."""
+    held = {e.prompt for e in held_out()}
+    return [e for e in held_out(n_per_task, seed) if e.prompt not in held]
+
+
 # SINGLE + MANY order: the single-answer tasks are learnt early; the rest of the budget goes to the constraints
 DEFAULT_WEIGHTS = (0.8, 0.6, 1.2, 0.6, 1.5, 2.0, 1.5)
 

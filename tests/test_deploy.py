@@ -9,6 +9,8 @@ import pytest
 import yaml
 from ray.serve.schema import ServeDeploySchema
 
+from model.train import ENTROPY_BOUND
+from model.weights import EMBEDDED, load_network
 from protos.generate import stale
 from serving.config import AppConfig
 
@@ -32,6 +34,14 @@ def test_cpu_config_serves_the_embedded_model_on_8000_and_9000():
     cfg = load("config.yaml")
     assert cfg["http_options"]["port"] == 8000 and cfg["grpc_options"]["port"] == 9000
     assert cfg["applications"][0]["args"]["model"] == "embedded"
+
+
+def test_cpu_tiers_sample_with_the_embedded_checkpoints_entropy_bound():
+    """A tier's settings are its own, not read from the checkpoint: they must repeat the bound it was tuned to."""
+    _, ckpt = load_network(str(EMBEDDED))
+    tiers = AppConfig(**load("config.yaml")["applications"][0]["args"]).tiers
+    assert ckpt.generation.sampler.entropy_bound == ENTROPY_BOUND  # what model.train writes
+    assert {t.sampler.entropy_bound for t in tiers.values()} == {ckpt.generation.sampler.entropy_bound}
 
 
 def test_gpu_pools_take_one_gpu_per_replica():

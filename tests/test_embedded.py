@@ -61,11 +61,10 @@ def test_both_implementations_give_the_same_logits(tok):
 
 
 def test_held_out_prompts_of_both_kinds_are_answered_at_the_default_settings(tok):
-    """The first 5 held-out prompts of each task at the checkpoint's own sampler settings (step cap 16 and
-    adaptive stop), seeds 0..34. Bars from what this checkpoint does (README table, 40 prompts per task:
-    single-answer tasks 0.825-1.00, many-answer kind 0.81), with some slack on the single-answer kind (right here:
-    5, 5, 5, 4 of the single-answer prompts, and 8 of the 15 many-answer ones: pick 4, arrange 4, and none of
-    these five latin prompts, though 0.75 of the 40)."""
+    """The first 5 held-out prompts of each task at the checkpoint's own sampler settings (step cap 16, adaptive
+    stop, entropy bound 0.01), seeds 0..34. Bars from what this checkpoint does (README table, 40 prompts per task:
+    single-answer tasks 0.90-1.00, many-answer kind 0.90), with some slack (right here: 5, 5, 5, 4 of the
+    single-answer prompts, and 12 of the 15 many-answer ones: pick 5, arrange 3, latin 4)."""
     net, ckpt = load_network(str(EMBEDDED))
     held = tasks.held_out()
     examples = [e for t in tasks.SINGLE + tasks.MANY for e in [x for x in held if x.task == t][:5]]
@@ -77,4 +76,4 @@ def test_held_out_prompts_of_both_kinds_are_answered_at_the_default_settings(tok
     for e, o in zip(examples, outs):
         right[e.task] += tasks.check(e, tok.decode(o.tokens, skip_special_tokens=True))
     assert all(right[t] >= 3 for t in tasks.SINGLE) and sum(right[t] for t in tasks.SINGLE) >= 16, right
-    assert sum(right[t] for t in tasks.MANY) >= 8, right
+    assert sum(right[t] for t in tasks.MANY) >= 10, right
