@@ -44,6 +44,12 @@ def test_held_out_prompts_are_fixed_and_distinct():
     assert a == b and len({e.prompt for e in a}) == len(a) == tasks.HELD_OUT_PER_TASK * len(tasks.SINGLE + tasks.MANY)
 
 
+def test_the_validation_set_leaves_out_every_held_out_prompt():
+    val, held = tasks.validation(), {e.prompt for e in tasks.held_out()}
+    assert {e.task for e in val} == set(tasks.SINGLE + tasks.MANY)
+    assert len(val) > 300 and not held & {e.prompt for e in val}
+
+
 def test_every_letter_and_digit_is_one_token():
     """What the formats are for: an answer's tokens line up one to one with its letters and digits, and a latin
     grid's blanks are separate tokens (a run of `_` blanks once merged into one)."""
