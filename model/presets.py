@@ -140,7 +140,9 @@ def hf_generation_config(
         bos_token_id=2,
         max_new_tokens=max_new_tokens,
         max_denoising_steps=max_denoising_steps,
-        sampler_config=EntropyBoundSamplerConfig(entropy_bound=entropy_bound or s.entropy_bound),
+        sampler_config=EntropyBoundSamplerConfig(
+            entropy_bound=s.entropy_bound if entropy_bound is None else entropy_bound
+        ),
         t_min=s.t_min,
         t_max=s.t_max,
         stability_threshold=s.stability_threshold,
