@@ -2,17 +2,30 @@
 
 Only the text path is modelled. Both spellings of the full-attention head sizes are accepted:
 `global_head_dim` / `num_global_key_value_heads` (every transformers version) and `per_layer_config`
-(what transformers >= 5.2x writes back out).
+(what transformers >= 5.2x writes back out). This module imports no torch: the ingress reads configs too.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, get_args
 
 SLIDING = "sliding_attention"
 FULL = "full_attention"
+# weight dtypes as configs, CLIs and the deploy config spell them (torch attribute names)
+DtypeName = Literal["float32", "bfloat16", "float16"]
+DTYPE_NAMES: tuple[str, ...] = get_args(DtypeName)
+
+
+def canvas_count(max_new_tokens: int, canvas_length: int) -> int:
+    """Canvases a request of `max_new_tokens` runs: whole canvases, the last one possibly cut at EOS."""
+    return -(-max_new_tokens // canvas_length)
+
+
+def context_needed(prompt_tokens: int, max_new_tokens: int, canvas_length: int) -> int:
+    """KV-cache tokens a request needs: the prompt plus every canvas but the last (which is never encoded)."""
+    return prompt_tokens + canvas_length * (canvas_count(max_new_tokens, canvas_length) - 1)
 
 
 @dataclass(frozen=True)
@@ -66,12 +79,15 @@ class TextConfig:
         layer_types[-1] = FULL  # transformers forces this too
         head_dim = text.get("head_dim", 256)
         kv = text.get("num_key_value_heads", 4)
+        # A present per_layer_config, even {} (what transformers writes when the full layers' sizes equal the
+        # sliding ones), holds every override there is; only its absence means "derive them from global_*".
+        has_per_layer = "per_layer_config" in text
         per_layer = {int(k): v for k, v in (text.get("per_layer_config") or {}).items()}
         global_head_dim = text.get("global_head_dim", 512)
         global_kv = text.get("num_global_key_value_heads")
         head_dims, kv_heads = [], []
         for i, kind in enumerate(layer_types):
-            if per_layer:
+            if has_per_layer:
                 over = per_layer.get(i, {})
             elif kind == FULL:
                 over = {"head_dim": global_head_dim}
@@ -131,17 +147,26 @@ class TextConfig:
         )
 
 
+def _setting(default: float | int | None, doc: str, **bounds: float) -> Any:
+    """A sampler field: its default, what it means and its bounds (pydantic's ge/gt/le names), which the
+    serving layer reads to build its request bodies, tier defaults and tier limits (serving/sampling.py)."""
+    return field(default=default, metadata={"doc": doc, "bounds": bounds})
+
+
 @dataclass(frozen=True)
 class SamplerSettings:
-    """One request's denoising settings; defaults are transformers' `_get_default_generation_params`."""
+    """One request's denoising settings; defaults are transformers' `_get_default_generation_params`.
 
-    max_denoising_steps: int = 48
-    entropy_bound: float = 0.1
-    t_min: float = 0.4
-    t_max: float = 0.8
-    stability_threshold: int = 1
+    This is the one definition of the sampler's knobs: the HTTP bodies, the deploy config's tier defaults and
+    limits, and the gRPC mapping are all derived from these fields."""
+
+    max_denoising_steps: int = _setting(48, "denoising steps per canvas at most", ge=1, le=256)
+    entropy_bound: float = _setting(0.1, "entropy the positions accepted together in one step may carry", gt=0)
+    t_min: float = _setting(0.4, "temperature on a canvas's last step", ge=0)
+    t_max: float = _setting(0.8, "temperature on a canvas's first step", gt=0)
+    stability_threshold: int = _setting(1, "steps the argmax canvas must stay unchanged to stop early", ge=0, le=4)
     # None turns adaptive stopping off: every canvas runs `max_denoising_steps` steps.
-    confidence_threshold: float | None = 0.005
+    confidence_threshold: float | None = _setting(0.005, "mean entropy under which a stable canvas stops", gt=0)
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_denoising_steps, int) or self.max_denoising_steps < 1:

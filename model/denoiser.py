@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from model import rng
-from model.config import SamplerSettings
+from model.config import SamplerSettings, canvas_count, context_needed
 from model.kv_cache import KVCache
 from model.network import Network
 from model.sampler import decide, draw, entropy_and_weights, row_max, temperature
@@ -268,8 +268,7 @@ class Denoiser:
         return (canvas, False) if eos_at is None else (canvas[: eos_at + 1], True)
 
     def context_needed(self, prompt_tokens: int, max_new_tokens: int) -> int:
-        """Cache tokens a request needs: the prompt plus every canvas but the last (which is never encoded)."""
-        return prompt_tokens + self.canvas_length * (math.ceil(max_new_tokens / self.canvas_length) - 1)
+        return context_needed(prompt_tokens, max_new_tokens, self.canvas_length)
 
     # ---------------------------------------------------------------- the simple driver
 
@@ -292,7 +291,7 @@ class Denoiser:
         self.prefill(slots, [r.prompt for r in requests])
         self.start_canvas(slots)
         out = [Generation([], "length", []) for _ in requests]
-        canvases_left = [math.ceil(r.max_new_tokens / C) for r in requests]
+        canvases_left = [canvas_count(r.max_new_tokens, C) for r in requests]
         active = list(slots)
         while active:
             result = self.step(active)

@@ -16,10 +16,10 @@ import sys
 import torch
 
 from model.chat import prompt_ids
+from model.checkpoint import CheckpointError
+from model.config import DTYPE_NAMES, context_needed
 from model.denoiser import Denoiser, Request
-from model.weights import EMBEDDED, CheckpointError, load_network
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from model.weights import load_network
 
 
 def positive(text: str) -> int:
@@ -32,7 +32,7 @@ def positive(text: str) -> int:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument(
-        "--model", default=str(EMBEDDED), help="checkpoint folder or Hugging Face hub id (default: the shipped model)"
+        "--model", default="embedded", help="checkpoint folder or Hugging Face hub id (default: the shipped model)"
     )
     ap.add_argument("--prompt", required=True)
     ap.add_argument("--max-new-tokens", type=positive, help="default: the checkpoint's generation config")
@@ -40,15 +40,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--raw", action="store_true", help="do not apply the chat template")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument(
-        "--dtype", choices=["auto", *sorted(DTYPES)], default="auto", help="auto: the checkpoint's own dtype"
-    )
+    ap.add_argument("--dtype", choices=["auto", *DTYPE_NAMES], default="auto", help="auto: the checkpoint's own dtype")
     args = ap.parse_args(argv)
 
     from transformers import AutoTokenizer
 
     try:
-        net, ckpt = load_network(args.model, device=args.device, dtype=DTYPES.get(args.dtype))
+        dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
+        net, ckpt = load_network(args.model, device=args.device, dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(ckpt.path)
     except (CheckpointError, OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -59,8 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.steps:
         settings = dataclasses.replace(settings, max_denoising_steps=args.steps)
     max_new = args.max_new_tokens or gen.max_new_tokens
-    canvas = ckpt.config.canvas_length
-    context = len(ids) + canvas * ((max_new + canvas - 1) // canvas)
+    context = context_needed(len(ids), max_new, ckpt.config.canvas_length)
     denoiser = Denoiser(net, slots=1, max_context=context, eos_token_ids=gen.eos_token_ids)
     out = denoiser.generate([Request(ids, max_new, settings, seed=args.seed)])[0]
     print(tokenizer.decode(out.tokens, skip_special_tokens=True))

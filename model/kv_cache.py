@@ -5,7 +5,7 @@ every token; sliding layers keep a ring of the last window-1 tokens (position p 
 which is all any later token or canvas may see. Storage is token-major [slot, token, kv_head, head_dim] so
 that writes of right-padded batches are one indexed copy.
 
-Attention rules (shared/reference/diffusiongemma.md 1.5):
+Attention rules (docs/architecture.md, "The network"):
 - causal passes (prefill, commit): key p is visible to query q if p <= q, and on sliding layers p > q - W;
 - denoise: every canvas token sees the whole cached context of its row (sliding layers: its last W-1
   tokens, the same set for every canvas token) and the whole canvas. Nothing is written.

@@ -9,7 +9,7 @@ Rows of one batch may sit at different context lengths. The residual stream is k
 weight dtype; matrix products run in the compute dtype (see `compute_dtype`). Norm scales that feed a linear
 layer are folded into its weight at build time, so each layer does one fused QKV product and one fused
 dense-MLP+router product.
-See shared/reference/diffusiongemma.md section 1 for the maths.
+docs/architecture.md ("The network") gives the maths and the traps a re-implementation falls into.
 """
 
 from __future__ import annotations

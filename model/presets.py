@@ -1,7 +1,7 @@
 """Model shapes for benchmarks and tests, as transformers `DiffusionGemmaConfig` keyword dicts.
 
 - tiny: a few hundred thousand parameters, for unit tests;
-- mid: hidden 512, 4 layers, 8 experts top-2, vocab 32768, canvas 256 (shared/reference/this-machine.md 3);
+- mid: hidden 512, 4 layers, 8 experts top-2, vocab 32768, canvas 256, a shape this 2-core CPU runs in seconds;
 - full: the released 26B-A4B text shape (needs a GPU).
 The vision tower cannot be left out of a transformers model, so each preset carries a tiny one.
 """

@@ -1,4 +1,4 @@
-"""Load a Hugging Face-format DiffusionGemma checkpoint into our network.
+"""Load a Hugging Face-format DiffusionGemma checkpoint into our network (model/checkpoint.py finds and reads it).
 
 Tensors are read one at a time with safetensors, straight onto the target device, and each layer is folded
 (norm scales into the linear layer that follows, QKV and dense-MLP+router concatenated) in fp32 before the
@@ -12,14 +12,14 @@ import json
 import logging
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
-from model.config import GenerationDefaults, TextConfig
+from model.checkpoint import Checkpoint, CheckpointError, read_checkpoint
+from model.config import TextConfig
 from model.network import LayerWeights, Network, NetworkWeights, compute_dtype
 
 log = logging.getLogger(__name__)
@@ -28,25 +28,6 @@ DEC = "model.decoder."
 ENC = "model.encoder.language_model."
 VISION_PREFIXES = ("model.encoder.vision_tower.", "model.encoder.embed_vision.")
 PROGRESS_BYTES = 1 << 30  # show a progress bar for checkpoints above 1 GiB
-EMBEDDED = Path(__file__).parent / "embedded"  # the small model this project trains and ships (model/train.py)
-
-
-class CheckpointError(ValueError):
-    pass
-
-
-@dataclass
-class Checkpoint:
-    path: Path
-    config: TextConfig
-    generation: GenerationDefaults
-    raw_config: dict
-
-    @property
-    def dtype(self) -> torch.dtype:
-        """The dtype the weights were saved in (`dtype`, or `torch_dtype` in older configs); float32 if unsaid."""
-        name = self.raw_config.get("dtype") or self.raw_config.get("torch_dtype") or "float32"
-        return {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(name, torch.float32)
 
 
 def expected_shapes(c: TextConfig) -> dict[str, tuple[int, ...]]:
@@ -206,41 +187,6 @@ def from_state_dict(
     return Network(c, weights, weight_dtype=dtype)
 
 
-def resolve(path_or_id: str) -> Path:
-    """A local checkpoint folder, or a hub id fetched with huggingface_hub (config, weights, tokenizer)."""
-    local = Path(path_or_id).expanduser()
-    if local.is_dir():
-        return local
-    if local.exists() or path_or_id.startswith((".", "/", "~")):
-        raise CheckpointError(f"{path_or_id!r} is not a checkpoint folder")
-    try:
-        from huggingface_hub import snapshot_download
-
-        return Path(
-            snapshot_download(
-                path_or_id,
-                allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model", "*.jinja"],
-            )
-        )
-    except Exception as e:  # offline, unknown repo, gated repo: all end here
-        raise CheckpointError(
-            f"cannot fetch {path_or_id!r} from the Hugging Face hub ({type(e).__name__}: {e}); "
-            "pass a local checkpoint folder instead"
-        ) from e
-
-
-def read_checkpoint(path_or_id: str) -> Checkpoint:
-    path = resolve(path_or_id)
-    cfg_file = path / "config.json"
-    if not cfg_file.is_file():
-        raise CheckpointError(f"{path} has no config.json")
-    raw = json.loads(cfg_file.read_text())
-    config = TextConfig.from_hf(raw)
-    gen_file = path / "generation_config.json"
-    gen = json.loads(gen_file.read_text()) if gen_file.is_file() else {}
-    return Checkpoint(path, config, GenerationDefaults.from_hf(gen, config), raw)
-
-
 def _tensor_files(path: Path) -> dict[str, Path]:
     index = path / "model.safetensors.index.json"
     if index.is_file():
@@ -261,7 +207,7 @@ def load_network(
 ) -> tuple[Network, Checkpoint]:
     """dtype None means the checkpoint's own dtype."""
     ckpt = read_checkpoint(path_or_id)
-    dtype = dtype or ckpt.dtype
+    dtype = dtype or getattr(torch, ckpt.dtype_name)
     files = _tensor_files(ckpt.path)
     handles: dict[Path, object] = {}
     device_str = str(device)

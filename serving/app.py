@@ -1,32 +1,43 @@
-"""The application builder named by deploy/config.yaml: one Denoiser deployment per pool, one Router.
+"""The application builder deploy/config.yaml names: one Denoiser deployment per pool, one Ingress.
 
 import_path: serving.app:build
 args: {model: embedded, default_tier: balanced, tiers: {...}, pools: {...}}
+
+The deployment classes are plain (serving/replica.py, serving/ingress.py); Serve's decorators are applied
+here, so importing them starts nothing and the ingress can be run in-process.
 """
 
 from __future__ import annotations
 
+from ray import serve
 from ray.serve import Application
 from ray.serve.config import RequestRouterConfig
 
 from serving.config import AppConfig
-from serving.replica import DenoiserServer
-from serving.router import Router
+from serving.ingress import Ingress
 from serving.routing import StepAwareRouter
+
+# Requests a replica takes at once before Serve backs off: well above slots + max_queue, so that the engine's
+# own queue answers overload (429 / RESOURCE_EXHAUSTED with a retry hint) rather than Serve.
+MAX_ONGOING = 1024
 
 
 def build(args: dict) -> Application:
+    from serving.replica import DenoiserServer  # imports torch: only the builder and the replicas need it
+
     config = AppConfig(**args)
     routing = RequestRouterConfig(request_router_class=StepAwareRouter, request_routing_stats_period_s=1.0)
+    denoiser = serve.deployment(DenoiserServer, max_ongoing_requests=MAX_ONGOING)
     pools = {}
     for name, pool in config.pools.items():
         actor = {"num_cpus": pool.num_cpus, "num_gpus": pool.num_gpus}
         if pool.threads:
             actor["runtime_env"] = {"env_vars": {"OMP_NUM_THREADS": str(pool.threads)}}
-        pools[name] = DenoiserServer.options(
+        pools[name] = denoiser.options(
             name=f"Denoiser-{name}",
             num_replicas=pool.replicas,
             ray_actor_options=actor,
             request_router_config=routing,
         ).bind(config.model, pool.model_dump(), name)
-    return Router.bind(config.model_dump(), pools)
+    ingress = serve.deployment(serve.ingress()(Ingress), name="Ingress", max_ongoing_requests=MAX_ONGOING)
+    return ingress.options(ray_actor_options={"num_cpus": 0}).bind(config.model_dump(), pools)

@@ -9,64 +9,26 @@ with different sampler settings in one forward.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from model.config import SamplerSettings
+from model.config import DtypeName, SamplerSettings
 from serving.request import InvalidRequest
-
-DEFAULT_CONFIDENCE = 0.005  # transformers' default, used when a request turns adaptive stopping on
+from serving.sampling import DEFAULT_CONFIDENCE, TierLimits, TierSampler
 
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class Range(Strict):
-    min: float
-    max: float
-
-    @model_validator(mode="after")
-    def _ordered(self) -> Range:
-        if self.min > self.max:
-            raise ValueError(f"min {self.min} > max {self.max}")
-        return self
-
-
-class Sampler(Strict):
-    """Default sampler settings of a tier (the fields of model.config.SamplerSettings)."""
-
-    max_denoising_steps: int = Field(16, ge=1, le=256)
-    entropy_bound: float = Field(0.1, gt=0)
-    t_min: float = Field(0.4, ge=0)
-    t_max: float = Field(0.8, gt=0)
-    stability_threshold: int = Field(1, ge=0, le=4)
-    confidence_threshold: float | None = Field(0.005, gt=0)  # None: fixed steps
-
-    def settings(self) -> SamplerSettings:
-        return SamplerSettings(**self.model_dump())
-
-
-class Limits(Strict):
-    """What a request may override within this tier; an unset limit means the tier's value is fixed."""
-
-    max_denoising_steps: Range | None = None
-    entropy_bound: Range | None = None
-    t_min: Range | None = None
-    t_max: Range | None = None
-    stability_threshold: Range | None = None
-    confidence_threshold: Range | None = None
-    adaptive_stop: bool = True  # may a request turn adaptive stopping off (or on)?
-
-
 class Tier(Strict):
     pool: str
-    sampler: Sampler = Sampler()
-    limits: Limits = Limits()
+    sampler: TierSampler = TierSampler()
+    limits: TierLimits = TierLimits()
     description: str = ""
 
-    def resolve(self, name: str, overrides: dict[str, float | int | bool | None]) -> SamplerSettings:
+    def resolve(self, name: str, overrides: dict[str, Any]) -> SamplerSettings:
         """The tier's settings with a request's overrides (None = not given) applied, or InvalidRequest
         naming the field and the limit it broke."""
         values = self.sampler.model_dump()
@@ -108,7 +70,7 @@ class Pool(Strict):
     num_cpus: float = Field(1, ge=0)
     threads: int | None = Field(None, ge=1)  # torch threads on CPU (Ray sets OMP_NUM_THREADS=1 otherwise)
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: the checkpoint's own
+    dtype: Literal["auto"] | DtypeName = "auto"  # auto: the checkpoint's own
     compile: bool = False  # torch.compile + CUDA graphs on GPU, with row buckets
 
 

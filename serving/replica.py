@@ -1,12 +1,10 @@
-"""The Denoiser deployment: one replica per GPU (or a CPU process), hosting one engine.
+"""The Denoiser replica: one per GPU (or a CPU process), hosting one engine. serving/app.py makes it a deployment.
 
-The router calls `generate` through a DeploymentHandle with `stream=True` and gets back first `Accepted` (the
+The ingress calls `generate` through a DeploymentHandle with `stream=True` and gets back first `Accepted` (the
 engine took the request: slot or queue place) or a `Refusal`, then the engine's events one by one (token ids
-only). Refusals travel as events, not exceptions, so the router can map them to 400 / 429 and
-INVALID_ARGUMENT / RESOURCE_EXHAUSTED without unwrapping Ray errors, and it can answer 200 and open a stream
-as soon as a request is accepted, before its first canvas. When the caller
-goes away (client disconnect, deadline), Serve cancels this generator and leaving the stream cancels the
-request in the engine, which frees its slot at the next iteration.
+only), so it can answer 200 and open a stream as soon as a request is accepted, before its first canvas. When
+the caller goes away (client disconnect, deadline), Serve cancels this generator and leaving the stream
+cancels the request in the engine, which frees its slot at the next iteration.
 """
 
 from __future__ import annotations
@@ -15,38 +13,19 @@ import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 
 import torch
-from ray import serve
 
 from model.config import SamplerSettings
 from model.denoiser import Denoiser
-from model.weights import EMBEDDED, load_network
+from model.weights import load_network
 from serving.config import Pool
 from serving.engine import Engine
-from serving.request import Event, GenerateRequest, InvalidRequest, Overloaded
+from serving.request import Accepted, Event, GenerateRequest, InvalidRequest, Overloaded, Refusal
 
 log = logging.getLogger("ray.serve")
 
 ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
-
-
-@dataclass(frozen=True)
-class Accepted:
-    request_id: str
-
-
-@dataclass(frozen=True)
-class Refusal:
-    kind: str  # "invalid" or "overloaded"
-    message: str
-    field: str | None = None
-    retry_after_s: float | None = None
-
-
-def resolve_model(model: str) -> str:
-    return str(EMBEDDED) if model == "embedded" else model
 
 
 def device_for(pool: Pool) -> torch.device:
@@ -55,15 +34,14 @@ def device_for(pool: Pool) -> torch.device:
     return torch.device(pool.device)
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 1}, max_ongoing_requests=1024)
 class DenoiserServer:
-    async def __init__(self, model: str, pool: dict, pool_name: str = "default"):
+    async def __init__(self, model: str, pool: dict, pool_name: str = "default"):  # async: the engine loop needs one
         spec = Pool(**pool)
         if spec.threads:
             torch.set_num_threads(spec.threads)
         device = device_for(spec)
         dtype = None if spec.dtype == "auto" else getattr(torch, spec.dtype)
-        net, ckpt = load_network(resolve_model(model), device=device, dtype=dtype)
+        net, ckpt = load_network(model, device=device, dtype=dtype)
         self.generation = ckpt.generation
         buckets = ROW_BUCKETS if spec.compile else None
         slots = spec.slots + (1 if buckets else 0)  # the scratch slot that pads row buckets
@@ -92,11 +70,8 @@ class DenoiserServer:
         fields["settings"] = SamplerSettings(**fields["settings"])
         try:
             stream = self.engine.submit(GenerateRequest(**fields))
-        except InvalidRequest as exc:
-            yield Refusal("invalid", str(exc), field=exc.field)
-            return
-        except Overloaded as exc:
-            yield Refusal("overloaded", str(exc), retry_after_s=exc.retry_after_s)
+        except (InvalidRequest, Overloaded) as exc:
+            yield Refusal.of(exc)
             return
         async with stream:
             yield Accepted(stream.request_id)

@@ -1,7 +1,8 @@
 """What goes into the engine (a generation request in token ids) and what comes out (a stream of events).
 
-The engine speaks token ids only: the router (a later layer) owns tokenization and chat templates, so gRPC
-clients can send ids directly and replicas never load a tokenizer.
+The engine speaks token ids only: the ingress owns tokenization and chat templates, so gRPC clients can send
+ids directly and replicas never load a tokenizer. A replica answers a request first with `Accepted` or a
+`Refusal`, then with the engine's events. Nothing here imports torch or Ray: the ingress shares these types.
 """
 
 from __future__ import annotations
@@ -85,3 +86,32 @@ class ErrorEvent:
 
 
 Event = CanvasEvent | DraftEvent | FinalEvent | ErrorEvent
+
+
+@dataclass(frozen=True)
+class Accepted:
+    """The engine took the request (a slot or a queue place); its events follow."""
+
+    request_id: str
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """The engine refused the request at submit. Refusals travel as messages, not exceptions, so the ingress
+    maps them to 400 / 429 and INVALID_ARGUMENT / RESOURCE_EXHAUSTED without unwrapping Ray's errors."""
+
+    kind: str  # "invalid" or "overloaded"
+    message: str
+    field: str | None = None
+    retry_after_s: float | None = None
+
+    def error(self) -> InvalidRequest | Overloaded:
+        if self.kind == "overloaded":
+            return Overloaded(self.message, self.retry_after_s or 1.0)
+        return InvalidRequest(self.field or "request", self.message.split(": ", 1)[-1])
+
+    @classmethod
+    def of(cls, exc: InvalidRequest | Overloaded) -> Refusal:
+        if isinstance(exc, Overloaded):
+            return cls("overloaded", str(exc), retry_after_s=exc.retry_after_s)
+        return cls("invalid", str(exc), field=exc.field)

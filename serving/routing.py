@@ -13,11 +13,12 @@ depth. Serve tries the first rank, and backs off to the next one when a replica 
 
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 from dataclasses import dataclass
 
 from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
+
+from model.config import canvas_count
 
 
 @dataclass(frozen=True)
@@ -32,8 +33,7 @@ class Standing:
 
 def request_steps(payload: dict, canvas_length: int) -> int:
     """Denoising steps a request may take: canvases times its step cap (an upper bound: adaptive stop)."""
-    canvases = math.ceil(payload["max_new_tokens"] / canvas_length)
-    return canvases * int(payload["settings"]["max_denoising_steps"])
+    return canvas_count(payload["max_new_tokens"], canvas_length) * int(payload["settings"]["max_denoising_steps"])
 
 
 def rank(standings: dict[ReplicaID, Standing]) -> list[list[ReplicaID]]:

@@ -1,9 +1,16 @@
-"""Which requests run in the next forward: admission, ordering and the load a replica reports.
+"""Which requests run in the next forward, and every change of a request's phase.
 
 A request lives for many forwards: a prefill, then per canvas up to its step cap of denoising steps, then a
-commit. The scheduler keeps that state per request (a `Job`) and, once per engine iteration, builds a `Plan`.
+commit. The scheduler keeps that state per request (a `Job`) and alone moves it through its phases:
 
-Policy (documented in README, "The batcher"):
+    QUEUED ─plan()─▶ PREFILL ─apply()─▶ DENOISE ─apply(canvas done)─▶ COMMIT ─apply()─▶ DENOISE … ─▶ DONE
+                                                 └─ EOS, last canvas, failure or cancel ──────────────▶ DONE
+
+Once per engine iteration `plan()` says who is admitted, whose canvas is encoded and who steps; the engine runs
+the plan and hands the outcome to `apply()`, which moves the phases and returns `Report`s (drafts, committed
+canvases, finished and failed jobs) for the engine to turn into events.
+
+Policy:
 - Admission: a bounded FIFO queue. A request is admitted into a free KV-cache slot in arrival order, so no
   request is overtaken by a later one while it waits. A slot reserves `max_context` tokens of KV memory, so
   slots are the memory budget; a request whose prompt plus output cannot fit a slot is refused at submit.
@@ -23,30 +30,48 @@ import asyncio
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from enum import Enum
 
+from model.config import canvas_count
 from serving.request import Event, GenerateRequest
+
+
+class Phase(Enum):
+    QUEUED = "queued"  # waiting for a slot
+    PREFILL = "prefill"  # admitted: its prompt is encoded this iteration
+    DENOISE = "denoise"  # a canvas is being denoised
+    COMMIT = "commit"  # its canvas is done: encoded into the cache next iteration, then the next canvas
+    DONE = "done"  # finished, failed or cancelled; its slot is free
 
 
 @dataclass
 class Job:
     request: GenerateRequest
-    canvases_total: int
+    canvas_length: int
     events: asyncio.Queue[Event] = field(default_factory=asyncio.Queue)
     arrived: float = field(default_factory=time.perf_counter)
+    phase: Phase = Phase.QUEUED
     slot: int | None = None
     admitted: float | None = None
     first_canvas: float | None = None
-    phase: str = "queued"  # queued -> prefill -> denoise <-> commit -> done
     canvas_index: int = 0
     steps_taken: int = 0  # on the current canvas
     steps_per_canvas: list[int] = field(default_factory=list)
     generated: int = 0
-    last_stepped: int = -1  # engine iteration of the last denoising step
+    last_stepped: int = -1  # scheduler iteration of the last denoising step
     cancelled: bool = False
+
+    @property
+    def id(self) -> str:
+        return self.request.request_id
 
     @property
     def cap(self) -> int:
         return self.request.settings.max_denoising_steps
+
+    @property
+    def canvases_total(self) -> int:
+        return canvas_count(self.request.max_new_tokens, self.canvas_length)
 
     def steps_left(self) -> int:
         """Denoising steps still to run at most (adaptive stopping may need fewer)."""
@@ -68,11 +93,63 @@ class Load:
 @dataclass
 class Plan:
     """One iteration: who gets a slot (and so has its prompt encoded), whose committed canvas is encoded,
-    who takes a step."""
+    who takes a step; and the cancelled jobs released before it."""
 
-    admit: list[Job]
-    commit: list[Job]
-    denoise: list[Job]  # includes the rows prefill/commit start in this iteration
+    admit: list[Job] = field(default_factory=list)
+    commit: list[Job] = field(default_factory=list)
+    denoise: list[Job] = field(default_factory=list)  # includes the rows prefill/commit start in this iteration
+    cancelled: list[Job] = field(default_factory=list)
+
+    def has_work(self) -> bool:
+        return bool(self.admit or self.commit or self.denoise)
+
+    def jobs(self) -> list[Job]:
+        """The plan's jobs, each once (a committed or new row is also a stepping row)."""
+        return list({j.id: j for j in self.admit + self.commit + self.denoise}.values())
+
+
+@dataclass
+class StepOutcome:
+    """One row's denoising step, as the model runner saw it."""
+
+    done: bool  # the canvas is finished
+    steps: int  # steps taken on this canvas
+    draft: list[int] | None  # the argmax canvas, when drafts are streamed
+    tokens: list[int] | None = None  # done: the committed canvas, cut after its first EOS
+    eos: bool = False  # done: the canvas held an EOS
+
+
+@dataclass
+class Outcome:
+    stepped: dict[str, StepOutcome] = field(default_factory=dict)
+    failed: dict[str, BaseException] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Drafted:
+    job: Job
+    step: StepOutcome
+
+
+@dataclass(frozen=True)
+class Committed:
+    job: Job
+    step: StepOutcome
+
+
+@dataclass(frozen=True)
+class Finished:
+    job: Job
+    reason: str  # "eos", "length" or "cancelled"
+
+
+@dataclass(frozen=True)
+class Failed:
+    job: Job
+    error: BaseException
+
+
+Report = Drafted | Committed | Finished | Failed
 
 
 class Scheduler:
@@ -86,38 +163,109 @@ class Scheduler:
         self.live: dict[str, Job] = {}
         self.iteration = 0
 
-    def enqueue(self, job: Job) -> bool:
+    # ---------------------------------------------------------------- arrivals and cancels
+
+    def submit(self, job: Job) -> bool:
+        """Queue a job; False when the queue is full."""
         if len(self.queue) >= self.max_queue:
             return False
         self.queue.append(job)
         return True
+
+    def find(self, request_id: str) -> Job | None:
+        return self.live.get(request_id) or next((j for j in self.queue if j.id == request_id), None)
+
+    def cancel(self, request_id: str) -> Job | None:
+        """A queued job is released at once (phase DONE); a live one is released by the next plan(), after the
+        forward it may be part of. None if the id is unknown, finished or already cancelled."""
+        job = self.find(request_id)
+        if job is None or job.cancelled:
+            return None
+        job.cancelled = True
+        if job.phase is Phase.QUEUED:
+            self.queue.remove(job)
+            job.phase = Phase.DONE
+        return job
+
+    def drain(self) -> list[Job]:
+        """Release every queued and live job (the engine is stopping)."""
+        jobs = [*self.queue, *self.live.values()]
+        self.queue.clear()
+        for job in jobs:
+            self._release(job)
+        return jobs
+
+    # ---------------------------------------------------------------- one iteration
 
     def idle(self) -> bool:
         return not self.queue and not self.live
 
     def plan(self) -> Plan:
         self.iteration += 1
-        admit: list[Job] = []
+        plan = Plan(cancelled=[j for j in self.live.values() if j.cancelled])
+        for job in plan.cancelled:
+            self._release(job)
         budget = self.max_prefill_tokens
+        now = time.perf_counter()
         while self.queue and self.free:
             job = self.queue[0]
-            if admit and len(job.request.prompt) > budget:
+            if plan.admit and len(job.request.prompt) > budget:
                 break
             self.queue.popleft()
             budget -= len(job.request.prompt)
             job.slot = self.free.pop()
-            job.phase = "prefill"
-            self.live[job.request.request_id] = job
-            admit.append(job)
-        commit = [j for j in self.live.values() if j.phase == "commit"]
-        stepping = [j for j in self.live.values() if j.phase == "denoise"] + admit + commit
+            job.phase = Phase.PREFILL
+            job.admitted = now
+            self.live[job.id] = job
+            plan.admit.append(job)
+        plan.commit = [j for j in self.live.values() if j.phase is Phase.COMMIT]
+        stepping = [j for j in self.live.values() if j.phase is Phase.DENOISE] + plan.admit + plan.commit
         stepping.sort(key=lambda j: (j.last_stepped, j.steps_left()))
-        return Plan(admit, commit, stepping[: self.max_batch_rows])
+        plan.denoise = stepping[: self.max_batch_rows]
+        return plan
 
-    def release(self, job: Job) -> None:
+    def apply(self, plan: Plan, outcome: Outcome) -> list[Report]:
+        """Move each planned job on by what its forwards did; return what its client must be told."""
+        reports: list[Report] = []
+        for job in plan.jobs():
+            if job.phase is Phase.DONE:
+                continue
+            if job.id in outcome.failed:
+                self._release(job)
+                reports.append(Failed(job, outcome.failed[job.id]))
+                continue
+            if job.phase is Phase.COMMIT:  # its canvas is in the cache now: the next canvas starts
+                job.canvas_index += 1
+                job.steps_taken = 0
+            job.phase = Phase.DENOISE
+            step = outcome.stepped.get(job.id)
+            if step is None:
+                continue
+            job.last_stepped = self.iteration
+            job.steps_taken = step.steps
+            if job.request.stream_drafts:
+                reports.append(Drafted(job, step))
+            if step.done:
+                reports += self._canvas_done(job, step)
+        return reports
+
+    def _canvas_done(self, job: Job, step: StepOutcome) -> list[Report]:
+        job.generated += len(step.tokens)
+        job.steps_per_canvas.append(step.steps)
+        if job.first_canvas is None:
+            job.first_canvas = time.perf_counter()
+        reports: list[Report] = [Committed(job, step)]
+        if step.eos or job.canvas_index + 1 == job.canvases_total:
+            self._release(job)
+            reports.append(Finished(job, "eos" if step.eos else "length"))
+        else:
+            job.phase = Phase.COMMIT
+        return reports
+
+    def _release(self, job: Job) -> None:
         """The job is over: its slot is free for the next iteration's admissions."""
-        job.phase = "done"
-        if self.live.pop(job.request.request_id, None) is not None and job.slot is not None:
+        job.phase = Phase.DONE
+        if self.live.pop(job.id, None) is not None and job.slot is not None:
             self.free.append(job.slot)
 
     def load(self) -> Load:

@@ -93,7 +93,7 @@ def app(tmp_path_factory) -> App:
 def chat_prompt_text(task: str) -> str:
     from transformers import AutoTokenizer
 
-    from model.weights import EMBEDDED
+    from model.checkpoint import EMBEDDED
 
     tok = AutoTokenizer.from_pretrained(EMBEDDED)
     return tok.apply_chat_template([{"role": "user", "content": task}], add_generation_prompt=True, tokenize=False)

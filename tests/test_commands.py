@@ -51,7 +51,7 @@ def test_generate_rejects_bad_arguments(window, tmp_path):
 
 
 def test_bench_prints_one_json_line_last():
-    proc = run("model.bench", "--preset", "tiny", "--batch", "2", "--steps", "2", "--repeats", "1")
+    proc = run("loadtest.bench_denoiser", "--preset", "tiny", "--batch", "2", "--steps", "2", "--repeats", "1")
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     for key in ("preset", "batch", "steps", "ours_tokens_per_s", "transformers_tokens_per_s", "speedup"):
@@ -63,7 +63,7 @@ def test_bench_prints_one_json_line_last():
 
 def test_generate_uses_the_shipped_model_and_its_chat_template():
     from model.chat import prompt_ids
-    from model.weights import EMBEDDED
+    from model.checkpoint import EMBEDDED
 
     proc = run("model.generate", "--prompt", "reverse: h e l l o", "--seed", "1")
     assert proc.returncode == 0, proc.stderr

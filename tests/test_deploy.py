@@ -9,8 +9,9 @@ import pytest
 import yaml
 from ray.serve.schema import ServeDeploySchema
 
-from model.train import ENTROPY_BOUND
-from model.weights import EMBEDDED, load_network
+from model.checkpoint import EMBEDDED
+from model.training.train import ENTROPY_BOUND
+from model.weights import load_network
 from protos.generate import stale
 from serving.config import AppConfig
 

@@ -9,11 +9,12 @@ import pytest
 import torch
 from transformers import AutoTokenizer, DiffusionGemmaForBlockDiffusion, DynamicCache
 
-from model import evaluate, tasks
 from model.chat import prompt_ids
+from model.checkpoint import EMBEDDED
 from model.denoiser import Denoiser, Request
 from model.kv_cache import KVCache
-from model.weights import EMBEDDED, load_network
+from model.training import evaluate, tasks
+from model.weights import load_network
 
 pytestmark = pytest.mark.skipif(not (EMBEDDED / "model.safetensors").is_file(), reason="no shipped checkpoint")
 

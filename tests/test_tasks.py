@@ -8,8 +8,8 @@ import random
 import pytest
 from transformers import AutoTokenizer
 
-from model import tasks
-from model.weights import EMBEDDED
+from model.checkpoint import EMBEDDED
+from model.training import tasks
 
 
 @pytest.mark.parametrize("task", tasks.SINGLE + tasks.MANY)

@@ -10,8 +10,9 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoTokenizer, DiffusionGemmaForBlockDiffusion
 
-from model import train
-from model.weights import EMBEDDED, load_network
+from model.checkpoint import EMBEDDED
+from model.training import train
+from model.weights import load_network
 
 
 def _mean_abs_difference(a, b) -> float:

@@ -10,9 +10,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from model.checkpoint import CheckpointError, read_checkpoint
 from model.config import GenerationDefaults, TextConfig
 from model.kv_cache import KVCache
-from model.weights import CheckpointError, load_network, read_checkpoint
+from model.weights import load_network
 
 
 def copy_with(src, dst, edit) -> str:

@@ -1,4 +1,4 @@
-"""HTTP request bodies: OpenAI-compatible completions and chat completions, and the native generate call.
+"""HTTP request bodies (pydantic): OpenAI-compatible completions and chat completions, and the native generate call.
 
 Unknown fields and OpenAI fields we do not implement are refused with a 400 naming the field (never silently
 ignored). The diffusion controls (tier and sampler overrides) are accepted as extra top-level fields on the
@@ -10,6 +10,9 @@ from __future__ import annotations
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from serving.frontend import Controls
+from serving.sampling import OVERRIDE_NAMES, SamplerOverrides
 
 # OpenAI fields that exist but that this server does not implement; each is accepted only with its field's
 # default (the value that means "not used"), see OpenAIOptions.
@@ -32,35 +35,15 @@ UNSUPPORTED_OPENAI = (
     "stream_options",
 )
 
-# The sampler overrides a request may carry (also the fields of the gRPC SamplerOverrides message).
-SAMPLER_FIELDS = (
-    "max_denoising_steps",
-    "entropy_bound",
-    "t_min",
-    "t_max",
-    "stability_threshold",
-    "confidence_threshold",
-    "adaptive_stop",
-)
 
-
-class Diffusion(BaseModel):
-    """The diffusion controls, shared by every route."""
-
-    model_config = ConfigDict(extra="forbid")
+class Diffusion(SamplerOverrides):
+    """The diffusion controls, shared by every route: tier, seed and the sampler overrides (serving/sampling.py)."""
 
     tier: str | None = None
     seed: int | None = Field(None, ge=0, lt=2**62)
-    max_denoising_steps: int | None = Field(None, ge=1)
-    entropy_bound: float | None = Field(None, gt=0)
-    t_min: float | None = Field(None, ge=0)
-    t_max: float | None = Field(None, gt=0)
-    stability_threshold: int | None = Field(None, ge=0)
-    confidence_threshold: float | None = Field(None, gt=0)
-    adaptive_stop: bool | None = None
 
-    def overrides(self) -> dict:
-        return {k: getattr(self, k) for k in SAMPLER_FIELDS}
+    def controls(self) -> Controls:
+        return Controls(self.tier, self.seed, {k: getattr(self, k) for k in OVERRIDE_NAMES})
 
 
 class OpenAIOptions(Diffusion):

@@ -1,8 +1,9 @@
 """Accuracy of a checkpoint against the denoising-step cap, on the held-out tasks, through our denoiser.
 
-    python -m model.evaluate [--model PATH] [--caps 1,2,4,8,16,32] [--seed 0] [--split validation --entropy-bound B]
+    python -m model.training.evaluate [--model PATH] [--caps 1,2,4,8,16,32] [--seed 0]
+                                      [--split validation --entropy-bound B]
 
-Every held-out prompt (model/tasks.py, both kinds) runs at each step cap with adaptive stopping off, then
+Every held-out prompt (model/training/tasks.py, both kinds) runs at each step cap with adaptive stopping off, then
 once with the checkpoint's own adaptive stop. Prints a table, then one JSON object as the last line.
 `--split validation` runs the validation set instead (tasks.validation: for choosing sampler defaults, such as
 the embedded checkpoint's entropy bound, without looking at the held-out set), and `--entropy-bound` replaces the
@@ -18,11 +19,12 @@ import dataclasses
 import json
 import time
 
-from model import tasks
 from model.chat import prompt_ids
+from model.checkpoint import EMBEDDED
 from model.config import SamplerSettings
 from model.denoiser import Denoiser, Request
-from model.weights import EMBEDDED, load_network
+from model.training import tasks
+from model.weights import load_network
 
 
 def run_cap(denoiser, tok, examples, prompts, settings: SamplerSettings, seed: int) -> dict:

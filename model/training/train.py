@@ -1,8 +1,10 @@
 """Train the embedded default model: a small DiffusionGemma on the project's own tasks and English.
 
-    python -m model.train --out model/embedded --seed 1 --compile   (the shipped checkpoint: 8500 steps, 66 min here)
+    python -m model.training.train --out runs/embedded --seed 1 --compile   (the shipped recipe: 8500 steps, 66 min)
 
-The objective is DiffusionGemma's (shared/reference/diffusiongemma.md 1.6, the NeMo/Megatron recipe): pick one
+`--out` has no default, so a run never overwrites the shipped checkpoint (model/embedded) unless asked to.
+
+The objective is DiffusionGemma's (the NeMo/Megatron recipe, docs/embedded-model.md): pick one
 response block of canvas length, corrupt it with uniform random ids at a rate t ~ U(0, 1), and train the
 decoder to restore it with cross-entropy on the whole block, using two-pass self-conditioning with
 probability 0.5 (the first pass without gradient, on a more corrupted copy of the block, as the sampler's
@@ -24,11 +26,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from model import tasks
 from model.chat import prompt_ids
 from model.config import SamplerSettings
 from model.presets import TINY_VISION, hf_generation_config
-from model.tokenizer_build import BOI, EOI, IMAGE, TURN_END, build_tokenizer
+from model.training import tasks
+from model.training.tokenizer_build import BOI, EOI, IMAGE, TURN_END, build_tokenizer
 
 CANVAS = 16
 VOCAB = 1024
@@ -36,7 +38,7 @@ EOS_IDS = (1, TURN_END)  # the eos token and the end-of-turn marker both end a r
 STEPS = 16  # the checkpoint's default step cap
 # The checkpoint's default entropy bound, below transformers' 0.1: fewer positions accepted together per step, so
 # dependent positions settle one by one. Chosen after training on the validation set (tasks.validation, 16 steps),
-# where 0.01 gained on each of four trained checkpoints and smaller bounds lost on some (README).
+# where 0.01 gained on each of four trained checkpoints and smaller bounds lost on some (docs/embedded-model.md).
 ENTROPY_BOUND = 0.01
 
 
@@ -93,7 +95,7 @@ def noise_ids(x0: torch.Tensor, own: torch.Tensor, rnd: torch.Generator) -> torc
     Off by default: one 10,000-step run with it on half the rows and `--rate-power 2` (the two not separated)
     ended below the checkpoint shipped then (0.75 / 0.27 against 0.90 / 0.67 at 16 steps), addition worst. On
     30% of the rows alone, two pairs of runs (same seed and threads, with and without it) disagree: 0.893 overall
-    at 16 steps against 0.832, then 0.818 against 0.875 (README, "What moved the held-out accuracy")."""
+    at 16 steps against 0.832, then 0.818 against 0.875 (docs/embedded-model.md, "What moved the held-out accuracy")."""
     b = x0.shape[0]
     uniform = torch.randint(0, VOCAB, (b, CANVAS), generator=rnd)
     if not own.any():  # draws nothing more: a run without own noise repeats the runs from before it existed
@@ -183,7 +185,7 @@ class Monitor:
 
     def __call__(self, model) -> dict[str, float]:
         from model.config import TextConfig
-        from model.evaluate import denoiser_for, run_cap
+        from model.training.evaluate import denoiser_for, run_cap
         from model.weights import from_state_dict
 
         state = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -218,7 +220,7 @@ def save(model, tok, out: Path) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "embedded")
+    ap.add_argument("--out", type=Path, required=True, help="folder to write (model/embedded is the shipped model)")
     ap.add_argument("--steps", type=int, default=8500)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--lr", type=float, default=1.5e-3)

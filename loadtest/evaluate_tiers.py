@@ -1,8 +1,8 @@
 """Accuracy and speed of each tier of a deploy config on the embedded model's held-out tasks.
 
-    python -m serving.evaluate_tiers [--config deploy/config.yaml] [--seed 0]
+    python -m loadtest.evaluate_tiers [--config deploy/config.yaml] [--seed 0]
 
-Runs every held-out prompt (model/tasks.py) through our denoiser with each tier's sampler settings, as the
+Runs every held-out prompt (model/training/tasks.py) through our denoiser with each tier's sampler settings, as the
 tier's replicas would, and prints a table and, as the last line, one JSON object. tokens/s is the answer
 tokens over the wall time of the whole batch, on this machine's threads, outside Ray.
 """
@@ -15,9 +15,8 @@ from pathlib import Path
 
 import yaml
 
-from model.evaluate import held_out_setup, run_cap
+from model.training.evaluate import held_out_setup, run_cap
 from serving.config import AppConfig
-from serving.replica import resolve_model
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "deploy" / "config.yaml"
 
@@ -30,7 +29,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     (app,) = yaml.safe_load(args.config.read_text())["applications"]
     config = AppConfig(**app["args"])
-    denoiser, tok, examples, prompts, _ = held_out_setup(resolve_model(config.model))
+    denoiser, tok, examples, prompts, _ = held_out_setup(config.model)
     results = {}
     head = ("tier", "steps cap", "adaptive", "mean steps", "all", "single", "many")
     print(" ".join(f"{h:>{w}}" for h, w in zip(head, (9, 9, 8, 10, 5, 6, 5))) + "  tok/s")

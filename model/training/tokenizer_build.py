@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import random
 
-from model import tasks
+from model.training import tasks
 
 SPECIALS = [
     "<pad>",

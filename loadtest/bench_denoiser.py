@@ -6,7 +6,7 @@ both run exactly the same forwards. transformers is called as its users call it 
 (`confidence_threshold=None`, default cache and attention). Timings are medians of interleaved repeats after one
 warm-up call each. The last line printed is one JSON object.
 
-    python -m model.bench --preset mid --batch 1 --dtype bfloat16
+    python -m loadtest.bench_denoiser --preset mid --batch 1 --dtype bfloat16
 """
 
 from __future__ import annotations
@@ -19,12 +19,10 @@ import time
 
 import torch
 
-from model.config import SamplerSettings, TextConfig
+from model.config import DTYPE_NAMES, SamplerSettings, TextConfig
 from model.denoiser import Denoiser, Request
 from model.presets import PRESETS, preset, random_hf_model
 from model.weights import from_state_dict, random_network
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def sync(device: torch.device) -> None:
@@ -47,7 +45,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--steps", type=int, default=8, help="fixed denoising steps per canvas")
     ap.add_argument("--canvases", type=int, default=1, help="canvases generated per request")
     ap.add_argument("--prompt-len", type=int, default=32)
-    ap.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    ap.add_argument("--dtype", choices=DTYPE_NAMES, default="float32")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument(
@@ -66,7 +64,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
 
     device = torch.device(args.device)
-    dtype = DTYPES[args.dtype]
+    dtype = getattr(torch, args.dtype)
     cfg = preset(args.preset)
     text = TextConfig.from_hf(cfg)
     run_reference = args.reference == "on" or (args.reference == "auto" and args.preset != "full")

@@ -1,6 +1,6 @@
 """Our step-level batcher against static request batching and sequential transformers, one workload.
 
-    python -m serving.bench_batcher [--preset mid] [--requests 24] [--rate 1.0] [--dtype bfloat16]
+    python -m loadtest.bench_batcher [--preset mid] [--requests 24] [--rate 1.0] [--dtype bfloat16]
 
 The workload is open-loop: Poisson arrivals at `--rate` requests/s, step caps 4, 8 and 16 mixed, one or two
 canvases each, random prompts; fixed steps and no EOS, so every contender does exactly the same denoising
@@ -41,8 +41,7 @@ from dataclasses import dataclass
 import torch
 from prometheus_client import CollectorRegistry
 
-from model.bench import DTYPES
-from model.config import SamplerSettings, TextConfig
+from model.config import DTYPE_NAMES, SamplerSettings, TextConfig, canvas_count
 from model.denoiser import Denoiser, Request
 from model.presets import PRESETS, preset, random_hf_model
 from model.weights import from_state_dict
@@ -116,7 +115,7 @@ def lockstep_generate(d: Denoiser, requests: list[Request]) -> list[int]:
         d.admit(s, r.settings, r.seed)
     d.prefill(slots, [r.prompt for r in requests])
     d.start_canvas(slots)
-    left = [math.ceil(r.max_new_tokens / C) for r in requests]
+    left = [canvas_count(r.max_new_tokens, C) for r in requests]
     tokens = [0] * len(requests)
     while any(left):
         active = [s for s in slots if left[s]]
@@ -225,14 +224,14 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--slots", type=int, default=8, help="requests live at once in our engine")
     ap.add_argument("--max-batch", type=int, default=8, help="static batching: largest batch")
     ap.add_argument("--batch-wait-s", type=float, default=0.01, help="static batching: @serve.batch's default")
-    ap.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
+    ap.add_argument("--dtype", choices=DTYPE_NAMES, default="bfloat16")
     ap.add_argument("--contenders", default="ours,static,static_early_exit,sequential")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
 
     cfg = preset(args.preset)
     text = TextConfig.from_hf(cfg)
-    dtype = DTYPES[args.dtype]
+    dtype = getattr(torch, args.dtype)
     hf = random_hf_model(cfg, seed=args.seed, dtype=dtype)
     net = from_state_dict(text, hf.state_dict(), device="cpu", dtype=dtype)
     C = text.canvas_length

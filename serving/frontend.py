@@ -1,0 +1,276 @@
+"""The transport-free front end: what HTTP and gRPC share between a decoded body and a replica's stream.
+
+    frontend = Frontend(config, pools)                     # pools: pool name -> PoolClient
+    ids = frontend.chat_prompt(messages)                    # or user_prompt(text), raw_prompt(text), token ids
+    opened = await frontend.open(ids, Controls(tier="fast", seed=0), max_new_tokens=64)
+    async for chunk in opened.chunks: ...                   # CanvasChunk / DraftChunk ..., then one DoneChunk
+    answer = await opened.collect()                         # or the whole answer at once
+
+It picks the tier (body, then header, then the default), resolves the sampler settings within the tier's
+limits, names the request (the id the engine, the logs and the client all see), sends token ids to a replica
+of the tier's pool and waits until the request is accepted, so that a refusal is an error before any reply
+starts. Then it turns the engine's events into text once, for every protocol: a canvas's text is decoded
+incrementally, so a character split across canvases comes out whole.
+
+Errors: InvalidRequest (400 / INVALID_ARGUMENT), Overloaded (429 / RESOURCE_EXHAUSTED), Unavailable (the pool
+did not answer: 503 / UNAVAILABLE) from `open`; EngineFailure from the chunks when the request failed in the
+engine or its stream ended without a final event. This module imports neither torch nor Ray.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol
+
+from model.chat import chat_ids, prompt_ids, text_ids
+from model.checkpoint import read_checkpoint
+from serving.config import AppConfig
+from serving.request import (
+    Accepted,
+    CanvasEvent,
+    DraftEvent,
+    ErrorEvent,
+    FinalEvent,
+    InvalidRequest,
+    Refusal,
+    Usage,
+)
+
+REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+
+
+class Unavailable(RuntimeError):
+    """The tier's pool could not be reached (no replica, a replica died before accepting)."""
+
+
+class EngineFailure(RuntimeError):
+    """The request failed after it was accepted: an engine error, or a stream cut off before its end."""
+
+
+class PoolClient(Protocol):
+    """How the front end reaches the replicas of one pool (serving/ingress.py: through Serve; LocalPool: one
+    replica object in this process)."""
+
+    def generate(self, payload: dict) -> AsyncIterator[Any]: ...
+
+    async def load(self) -> dict: ...
+
+
+class LocalPool:
+    """One DenoiserServer in this process, as a pool: for tests and in-process benchmarks (no Ray)."""
+
+    def __init__(self, server: Any):
+        self.server = server
+
+    def generate(self, payload: dict) -> AsyncIterator[Any]:
+        return self.server.generate(payload)
+
+    async def load(self) -> dict:
+        return self.server.load()
+
+
+@dataclass
+class Controls:
+    """The diffusion controls of a request, whatever its protocol: tier, seed and sampler overrides."""
+
+    tier: str | None = None
+    seed: int | None = None
+    overrides: dict[str, Any] = field(default_factory=dict)  # sampler field -> value (None: the tier's)
+
+
+@dataclass(frozen=True)
+class CanvasChunk:
+    """One committed canvas: the text it adds to the answer, its tokens and the steps it took."""
+
+    index: int
+    text: str
+    token_ids: list[int]
+    steps: int
+
+
+@dataclass(frozen=True)
+class DraftChunk:
+    """The argmax canvas after one denoising step (with stream_drafts), decoded on its own."""
+
+    canvas_index: int
+    step: int
+    text: str
+    token_ids: list[int]
+
+
+@dataclass(frozen=True)
+class DoneChunk:
+    finish_reason: str  # "eos", "length" or "cancelled"
+    usage: Usage
+
+
+Chunk = CanvasChunk | DraftChunk | DoneChunk
+
+
+@dataclass(frozen=True)
+class Answer:
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    usage: Usage
+
+
+@dataclass
+class Opened:
+    """A request a replica accepted."""
+
+    request_id: str
+    tier: str
+    prompt_tokens: int
+    chunks: AsyncIterator[Chunk]  # canvases (and drafts), then exactly one DoneChunk; or EngineFailure
+
+    async def collect(self) -> Answer:
+        text, tokens = "", []
+        async for chunk in self.chunks:
+            if isinstance(chunk, CanvasChunk):
+                text += chunk.text
+                tokens += chunk.token_ids
+            elif isinstance(chunk, DoneChunk):
+                return Answer(text, tokens, chunk.finish_reason, chunk.usage)
+        raise EngineFailure("the stream ended without a final event")
+
+
+class Detokenizer:
+    """Text per canvas, decoded incrementally so that a character split across canvases comes out whole."""
+
+    def __init__(self, tokenizer: Any):
+        self.tok = tokenizer
+        self.ids: list[int] = []
+        self.text = ""
+
+    def add(self, ids: list[int]) -> str:
+        self.ids += ids
+        text = self.tok.decode(self.ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):  # an incomplete character: wait for the next canvas
+            return ""
+        new, self.text = text[len(self.text) :], text
+        return new
+
+
+class Frontend:
+    def __init__(self, config: AppConfig, pools: Mapping[str, PoolClient], tokenizer: Any = None):
+        # The checkpoint's tokenizer.json through the tokenizers backend: AutoTokenizer would import torch.
+        from transformers import PreTrainedTokenizerFast
+
+        self.config = config
+        self.pools = dict(pools)
+        ckpt = read_checkpoint(config.model)
+        self.tokenizer = tokenizer or PreTrainedTokenizerFast.from_pretrained(ckpt.path)
+        self.model_id = "diffusiongemma-embedded" if config.model == "embedded" else config.model
+        self.max_new_default = config.max_new_tokens or ckpt.generation.max_new_tokens
+
+    # ---------------------------------------------------------------- prompts
+
+    def chat_prompt(self, messages: list[dict]) -> list[int]:
+        if not self.tokenizer.chat_template:
+            raise InvalidRequest("messages", "this model has no chat template; send a plain prompt instead")
+        return chat_ids(self.tokenizer, messages)
+
+    def user_prompt(self, text: str) -> list[int]:
+        """One user turn through the chat template (the plain text where the model has none)."""
+        return prompt_ids(self.tokenizer, text)
+
+    def raw_prompt(self, text: str) -> list[int]:
+        return text_ids(self.tokenizer, text)
+
+    # ---------------------------------------------------------------- one request
+
+    async def open(
+        self,
+        ids: list[int],
+        controls: Controls,
+        *,
+        header_tier: str | None = None,
+        max_new_tokens: int | None = None,
+        stream_drafts: bool = False,
+        request_id: str | None = None,
+        id_prefix: str = "gen",
+    ) -> Opened:
+        """Send the request to a replica of its tier's pool and wait until it is accepted (slot or queue
+        place). Refusals raise here, before any reply is started."""
+        name = controls.tier or header_tier or self.config.default_tier
+        tier = self.config.tiers.get(name)
+        if tier is None:
+            raise InvalidRequest("tier", f"unknown tier {name!r}; tiers: {sorted(self.config.tiers)}")
+        if len(ids) > self.config.max_prompt_tokens:
+            raise InvalidRequest("prompt", f"{len(ids)} tokens; the limit is {self.config.max_prompt_tokens}")
+        if request_id is None:
+            request_id = f"{id_prefix}-{secrets.token_hex(12)}"
+        elif not REQUEST_ID.fullmatch(request_id):
+            raise InvalidRequest("x-request-id", "must be 1-128 characters of letters, digits and . _ : -")
+        # an empty prompt or ids outside the model's vocabulary: the engine refuses them (field "prompt")
+        settings = tier.resolve(name, controls.overrides)
+        payload = dict(
+            prompt=list(ids),
+            max_new_tokens=max_new_tokens or self.max_new_default,
+            settings=asdict(settings),
+            seed=controls.seed,
+            stream_drafts=stream_drafts,
+            request_id=request_id,
+        )
+        events = self.pools[tier.pool].generate(payload)
+        try:
+            first = await anext(events)
+        except Exception as exc:
+            await events.aclose()
+            raise Unavailable(f"pool {tier.pool!r} did not take the request: {exc}") from exc
+        if isinstance(first, Refusal):
+            await events.aclose()
+            raise first.error()
+        if not isinstance(first, Accepted):
+            await events.aclose()
+            raise Unavailable(f"pool {tier.pool!r} answered {type(first).__name__} instead of accepting")
+        return Opened(request_id, name, len(ids), self._chunks(events))
+
+    async def _chunks(self, events: AsyncIterator[Any]) -> AsyncIterator[Chunk]:
+        """The engine's events as text, once for every protocol. Closing this (a client that went away)
+        closes the replica's stream, which cancels the request in its engine."""
+        detok = Detokenizer(self.tokenizer)
+        try:
+            async for e in events:
+                if isinstance(e, CanvasEvent):
+                    yield CanvasChunk(e.index, detok.add(e.tokens), e.tokens, e.steps)
+                elif isinstance(e, DraftEvent):
+                    text = self.tokenizer.decode(e.tokens, skip_special_tokens=True)
+                    yield DraftChunk(e.canvas_index, e.step, text, e.tokens)
+                elif isinstance(e, FinalEvent):
+                    yield DoneChunk(e.finish_reason, e.usage)
+                    return
+                elif isinstance(e, ErrorEvent):
+                    raise EngineFailure(e.message)
+        except EngineFailure:
+            raise
+        except Exception as exc:  # the replica died mid-stream, or the pool's transport failed
+            raise EngineFailure(f"the request's stream broke: {type(exc).__name__}: {exc}") from exc
+        finally:
+            await events.aclose()
+        raise EngineFailure("the stream ended without a final event")
+
+    # ---------------------------------------------------------------- the service
+
+    def models(self) -> dict:
+        """The model card of /v1/models, with the tiers."""
+        tiers = {
+            name: {"description": t.description, "pool": t.pool, **t.sampler.model_dump()}
+            for name, t in self.config.tiers.items()
+        }
+        card = {"id": self.model_id, "object": "model", "created": 0, "owned_by": "diffusiongemma-serve"}
+        return {"object": "list", "data": [card | {"tiers": tiers, "default_tier": self.config.default_tier}]}
+
+    async def ready(self) -> dict[str, dict]:
+        """Every pool's batcher load; Unavailable when a pool does not answer."""
+        loads = {}
+        for name, pool in self.pools.items():
+            try:
+                loads[name] = await pool.load()
+            except Exception as exc:
+                raise Unavailable(f"pool {name!r} is not ready: {exc}") from exc
+        return loads

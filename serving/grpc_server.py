@@ -1,0 +1,132 @@
+"""gRPC over the front end: `diffusiongemma.v1.DiffusionService` (protos/diffusiongemma/v1/diffusion.proto).
+
+`DiffusionServicer(frontend)` serves a plain `grpc.aio` server as it is (tests run it so) and, through the
+ingress, Serve's gRPC proxy (serving/ingress.py). Serve turns any exception into INTERNAL, so errors are set
+on the context (code, details, trailers) and an empty message returned. `x-tier` and `x-request-id` may come
+as metadata.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+from pydantic import ValidationError
+
+from protos.diffusiongemma.v1 import diffusion_pb2 as pb
+from serving.frontend import (
+    CanvasChunk,
+    Controls,
+    DoneChunk,
+    DraftChunk,
+    Frontend,
+    Opened,
+    Unavailable,
+)
+from serving.request import InvalidRequest, Overloaded, Usage
+from serving.sampling import OVERRIDE_NAMES, SamplerOverrides
+
+
+def usage_pb(u: Usage) -> pb.Usage:
+    return pb.Usage(
+        prompt_tokens=u.prompt_tokens,
+        generated_tokens=u.generated_tokens,
+        canvases=u.canvases,
+        steps_per_canvas=u.steps_per_canvas,
+        queue_time_s=u.queue_time_s,
+        time_to_first_canvas_s=u.time_to_first_canvas_s or 0.0,
+        total_time_s=u.total_time_s,
+    )
+
+
+def controls(req: pb.GenerateRequest) -> Controls:
+    """The request's tier, seed and sampler overrides, checked as the HTTP bodies are."""
+    given = {f: getattr(req.sampler, f) for f in OVERRIDE_NAMES if req.sampler.HasField(f)}
+    try:
+        SamplerOverrides(**given)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        name = ".".join(str(p) for p in first["loc"])
+        raise InvalidRequest(name, first["msg"]) from exc
+    seed = req.seed if req.HasField("seed") else None
+    if seed is not None and seed >= 2**62:
+        raise InvalidRequest("seed", "must be < 2**62")
+    return Controls(req.tier or None, seed, given)
+
+
+def set_error(context: Any, exc: Exception) -> None:
+    if isinstance(exc, InvalidRequest):
+        context.set_code(grpc.StatusCode.INVALID_ARGUMENT)
+    elif isinstance(exc, Overloaded):
+        context.set_code(grpc.StatusCode.RESOURCE_EXHAUSTED)
+        context.set_trailing_metadata([("retry-after-s", str(round(exc.retry_after_s, 1)))])
+    elif isinstance(exc, Unavailable):
+        context.set_code(grpc.StatusCode.UNAVAILABLE)
+    else:  # EngineFailure: the request failed after it was accepted
+        context.set_code(grpc.StatusCode.INTERNAL)
+    context.set_details(str(exc))
+
+
+class DiffusionServicer:
+    def __init__(self, frontend: Frontend):
+        self.frontend = frontend
+
+    async def _open(self, req: pb.GenerateRequest, context: Any) -> Opened:
+        kind = req.WhichOneof("input")
+        if kind == "text":
+            ids = self.frontend.user_prompt(req.text)
+        elif kind == "raw_prompt":
+            ids = self.frontend.raw_prompt(req.raw_prompt)
+        elif kind == "token_ids":
+            ids = list(req.token_ids.ids)
+        else:
+            raise InvalidRequest("input", "one of text, raw_prompt or token_ids is required")
+        if req.max_new_tokens < 0:
+            raise InvalidRequest("max_new_tokens", "must be >= 0 (0: the model's default)")
+        metadata = dict(context.invocation_metadata() or ()) if context is not None else {}
+        return await self.frontend.open(
+            ids,
+            controls(req),
+            header_tier=metadata.get("x-tier"),
+            max_new_tokens=req.max_new_tokens or None,
+            stream_drafts=req.stream_drafts,
+            request_id=metadata.get("x-request-id"),
+        )
+
+    async def Generate(self, req: pb.GenerateRequest, context: Any = None) -> pb.GenerateResponse:
+        try:
+            opened = await self._open(req, context)
+            answer = await opened.collect()
+        except Exception as exc:
+            set_error(context, exc)
+            return pb.GenerateResponse()
+        return pb.GenerateResponse(
+            request_id=opened.request_id,
+            tier=opened.tier,
+            text=answer.text,
+            token_ids=answer.token_ids,
+            finish_reason=answer.finish_reason,
+            usage=usage_pb(answer.usage),
+        )
+
+    async def GenerateStream(self, req: pb.GenerateRequest, context: Any = None) -> AsyncIterator[pb.GenerateChunk]:
+        try:
+            opened = await self._open(req, context)
+            async for c in opened.chunks:
+                if isinstance(c, CanvasChunk):
+                    canvas = pb.Canvas(index=c.index, text=c.text, token_ids=c.token_ids, steps=c.steps)
+                    yield pb.GenerateChunk(canvas=canvas)
+                elif isinstance(c, DraftChunk):
+                    draft = pb.Draft(canvas_index=c.canvas_index, step=c.step, text=c.text, token_ids=c.token_ids)
+                    yield pb.GenerateChunk(draft=draft)
+                elif isinstance(c, DoneChunk):
+                    final = pb.Final(
+                        request_id=opened.request_id,
+                        tier=opened.tier,
+                        finish_reason=c.finish_reason,
+                        usage=usage_pb(c.usage),
+                    )
+                    yield pb.GenerateChunk(final=final)
+        except Exception as exc:
+            set_error(context, exc)

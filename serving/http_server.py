@@ -1,0 +1,245 @@
+"""HTTP over the front end: OpenAI-compatible /v1/completions and /v1/chat/completions, the native
+/v1/generate, /v1/models, /health and /ready (docs/api.md has every field and status code).
+
+`http_app(frontend)` builds the FastAPI app; under Serve the ingress builds it in its replica
+(serving/ingress.py), and tests can call it in-process. Every reply to an accepted request carries its id in
+an `x-request-id` header (a client may send its own). Errors are OpenAI-style JSON:
+`{"error": {"message", "type", "param", "code"}}`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import asdict
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from serving.frontend import (
+    Answer,
+    CanvasChunk,
+    DoneChunk,
+    DraftChunk,
+    EngineFailure,
+    Frontend,
+    Opened,
+    Unavailable,
+)
+from serving.protocol import ChatBody, CompletionBody, Diffusion, GenerateBody, OpenAIOptions
+from serving.request import InvalidRequest, Overloaded, Usage
+
+_ERROR_TYPES = {400: "invalid_request_error", 429: "rate_limit_error", 503: "service_unavailable"}
+OPENAI_FINISH = {"eos": "stop"}  # the engine's "length" and "cancelled" keep their names
+
+
+def error_response(
+    status: int, message: str, param: str | None = None, retry_after: float | None = None, request_id: str = ""
+) -> JSONResponse:
+    headers = {"Retry-After": str(max(1, round(retry_after)))} if retry_after is not None else {}
+    if request_id:
+        headers["x-request-id"] = request_id
+    kind = _ERROR_TYPES.get(status, "server_error")
+    body = {"error": {"message": message, "type": kind, "param": param, "code": status}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def sse(obj: dict) -> str:
+    return f"data: {json.dumps(obj)}\n\n"
+
+
+async def sse_stream(lines: AsyncIterator[dict], on_error: Callable[[EngineFailure], dict]) -> AsyncIterator[str]:
+    """Server-sent events, then `[DONE]`; a failure after the headers went out is reported in-band."""
+    try:
+        async for obj in lines:
+            yield sse(obj)
+    except EngineFailure as exc:
+        yield sse(on_error(exc))
+    yield "data: [DONE]\n\n"
+
+
+def openai_usage(u: Usage, tier: str) -> dict:
+    return {
+        "prompt_tokens": u.prompt_tokens,
+        "completion_tokens": u.generated_tokens,
+        "total_tokens": u.prompt_tokens + u.generated_tokens,
+        "canvases": u.canvases,
+        "steps_per_canvas": u.steps_per_canvas,
+        "tier": tier,
+    }
+
+
+def http_app(frontend: Frontend) -> FastAPI:
+    app = FastAPI(title="diffusiongemma-serve")
+
+    @app.exception_handler(RequestValidationError)
+    async def _bad_body(request: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or "body"
+        return error_response(400, f"{where}: {first.get('msg', 'invalid request')}", where)
+
+    async def open_request(
+        prompt: Callable[[], list[int]],
+        body: Diffusion,
+        request: Request,
+        max_new_tokens: int | None,
+        stream_drafts: bool,
+        id_prefix: str,
+    ) -> Opened | JSONResponse:
+        """Tokenize and open; a refusal becomes its 400 / 429 / 503 before any byte is sent."""
+        try:
+            return await frontend.open(
+                prompt(),
+                body.controls(),
+                header_tier=request.headers.get("x-tier"),
+                max_new_tokens=max_new_tokens,
+                stream_drafts=stream_drafts,
+                request_id=request.headers.get("x-request-id"),
+                id_prefix=id_prefix,
+            )
+        except InvalidRequest as exc:
+            return error_response(400, str(exc), exc.field)
+        except Overloaded as exc:
+            return error_response(429, str(exc), retry_after=exc.retry_after_s)
+        except Unavailable as exc:
+            return error_response(503, str(exc))
+
+    async def answer_or_error(opened: Opened) -> Answer | JSONResponse:
+        try:
+            return await opened.collect()
+        except EngineFailure as exc:
+            return error_response(500, str(exc), request_id=opened.request_id)
+
+    def streaming(lines: AsyncIterator[dict], opened: Opened, on_error: Callable[[EngineFailure], dict]):
+        headers = {"x-request-id": opened.request_id}
+        return StreamingResponse(sse_stream(lines, on_error), media_type="text/event-stream", headers=headers)
+
+    # ---------------------------------------------------------------- OpenAI
+
+    async def openai(body: OpenAIOptions, prompt: Callable[[], list[int]], request: Request, chat: bool):
+        field = body.unsupported()
+        if field is not None:
+            return error_response(400, f"{field}: not supported by this server", field)
+        if body.model is not None and body.model != frontend.model_id:
+            return error_response(
+                400, f"model: unknown model {body.model!r}; this server has {frontend.model_id!r}", "model"
+            )
+        opened = await open_request(prompt, body, request, body.length(), False, "chatcmpl" if chat else "cmpl")
+        if isinstance(opened, JSONResponse):
+            return opened
+        kind = "chat.completion" if chat else "text_completion"
+        created = int(time.time())
+
+        def choice(text: str, finish: str | None, delta: bool) -> dict:
+            if not chat:
+                return {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
+            content = {"role": "assistant", "content": text}
+            return {"index": 0, ("delta" if delta else "message"): content, "finish_reason": finish}
+
+        def reply(obj: str, text: str, finish: str | None, delta: bool) -> dict:
+            return {
+                "id": opened.request_id,
+                "object": obj,
+                "created": created,
+                "model": frontend.model_id,
+                "choices": [choice(text, finish, delta)],
+            }
+
+        if not body.stream:
+            answer = await answer_or_error(opened)
+            if isinstance(answer, JSONResponse):
+                return answer
+            finish = OPENAI_FINISH.get(answer.finish_reason, answer.finish_reason)
+            full = reply(kind, answer.text, finish, delta=False) | {"usage": openai_usage(answer.usage, opened.tier)}
+            return JSONResponse(full, headers={"x-request-id": opened.request_id})
+
+        chunk_kind = kind + ".chunk" if chat else kind
+
+        async def lines() -> AsyncIterator[dict]:
+            async for c in opened.chunks:
+                if isinstance(c, CanvasChunk):
+                    yield reply(chunk_kind, c.text, None, delta=True)
+                elif isinstance(c, DoneChunk):
+                    finish = OPENAI_FINISH.get(c.finish_reason, c.finish_reason)
+                    yield reply(chunk_kind, "", finish, delta=True) | {"usage": openai_usage(c.usage, opened.tier)}
+
+        return streaming(lines(), opened, lambda exc: {"error": {"message": str(exc), "type": "server_error"}})
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionBody, request: Request):
+        prompt = body.prompt if isinstance(body.prompt, list) else None
+        return await openai(body, lambda: prompt or frontend.raw_prompt(body.prompt), request, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatBody, request: Request):
+        messages = [m.model_dump() for m in body.messages]
+        return await openai(body, lambda: frontend.chat_prompt(messages), request, chat=True)
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        return frontend.models()
+
+    # ---------------------------------------------------------------- native
+
+    @app.post("/v1/generate")
+    async def generate(body: GenerateBody, request: Request):
+        given = [k for k in ("text", "prompt", "token_ids") if getattr(body, k) is not None]
+        if len(given) != 1:
+            return error_response(400, "exactly one of text, prompt or token_ids is required", "text")
+        if body.text is not None:
+            prompt = lambda: frontend.user_prompt(body.text)
+        elif body.prompt is not None:
+            prompt = lambda: frontend.raw_prompt(body.prompt)
+        else:
+            prompt = lambda: body.token_ids
+        opened = await open_request(prompt, body, request, body.max_new_tokens, body.stream_drafts, "gen")
+        if isinstance(opened, JSONResponse):
+            return opened
+        if not body.stream:
+            answer = await answer_or_error(opened)
+            if isinstance(answer, JSONResponse):
+                return answer
+            reply = {
+                "id": opened.request_id,
+                "text": answer.text,
+                "token_ids": answer.token_ids,
+                "finish_reason": answer.finish_reason,
+                "tier": opened.tier,
+                "usage": asdict(answer.usage),
+            }
+            return JSONResponse(reply, headers={"x-request-id": opened.request_id})
+
+        async def lines() -> AsyncIterator[dict]:
+            async for c in opened.chunks:
+                if isinstance(c, CanvasChunk):
+                    yield {"type": "canvas", **asdict(c)}
+                elif isinstance(c, DraftChunk):
+                    yield {"type": "draft", **asdict(c)}
+                else:
+                    yield {
+                        "type": "final",
+                        "id": opened.request_id,
+                        "finish_reason": c.finish_reason,
+                        "tier": opened.tier,
+                        "usage": asdict(c.usage),
+                    }
+
+        return streaming(lines(), opened, lambda exc: {"type": "error", "message": str(exc)})
+
+    # ---------------------------------------------------------------- health
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok"}
+
+    @app.get("/ready")
+    async def ready():
+        """Ready when every pool answers a load query; shows each pool's batcher load."""
+        try:
+            return {"status": "ready", "pools": await frontend.ready()}
+        except Unavailable as exc:
+            return error_response(503, str(exc))
+
+    return app

@@ -1,0 +1,54 @@
+"""The ingress: HTTP and gRPC over one Frontend, as a plain class that serving/app.py makes a Serve deployment.
+
+Serve builds the FastAPI app in the replica (`__serve_build_asgi_app__`, after `__init__`), and its gRPC
+proxy calls the methods named like the RPCs. Pools are reached through DeploymentHandles; the step-aware
+request router (serving/routing.py) picks the replica. Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import FastAPI
+from ray.serve.handle import DeploymentHandle
+
+from protos.diffusiongemma.v1 import diffusion_pb2 as pb
+from serving.config import AppConfig
+from serving.frontend import Frontend
+from serving.grpc_server import DiffusionServicer
+from serving.http_server import http_app
+
+
+class ServePool:
+    """A pool's Denoiser deployment, reached through its handle (streaming)."""
+
+    def __init__(self, handle: DeploymentHandle):
+        self.handle = handle
+
+    async def generate(self, payload: dict) -> AsyncIterator[Any]:
+        gen = self.handle.options(stream=True).generate.remote(payload)
+        try:
+            async for item in gen:
+                yield item
+        finally:
+            gen.cancel()  # a no-op when finished; a disconnect or deadline frees the slot in the engine
+
+    async def load(self) -> dict:
+        return await self.handle.load.remote()
+
+
+class Ingress:
+    def __init__(self, config: dict, pools: dict[str, DeploymentHandle]):
+        self.frontend = Frontend(AppConfig(**config), {name: ServePool(h) for name, h in pools.items()})
+        self.servicer = DiffusionServicer(self.frontend)
+
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        return http_app(self.frontend)
+
+    async def Generate(self, request: pb.GenerateRequest, grpc_context: Any = None) -> pb.GenerateResponse:
+        return await self.servicer.Generate(request, grpc_context)
+
+    async def GenerateStream(self, request: pb.GenerateRequest, grpc_context: Any = None):
+        async for chunk in self.servicer.GenerateStream(request, grpc_context):
+            yield chunk
