@@ -42,7 +42,6 @@ class DenoiserServer:
         device = device_for(spec)
         dtype = None if spec.dtype == "auto" else getattr(torch, spec.dtype)
         net, ckpt = load_network(model, device=device, dtype=dtype)
-        self.generation = ckpt.generation
         buckets = ROW_BUCKETS if spec.compile else None
         slots = spec.slots + (1 if buckets else 0)  # the scratch slot that pads row buckets
         denoiser = Denoiser(net, slots, spec.max_context, ckpt.generation.eos_token_ids, compile=spec.compile)
@@ -88,3 +87,11 @@ class DenoiserServer:
 
     def check_health(self) -> None:
         self.engine.check_health()
+
+
+async def local_replica(model: str, pool: dict, pool_name: str = "default") -> DenoiserServer:
+    """A replica in this process, for tests and in-process benchmarks (serving.frontend.LocalPool). Serve awaits
+    the async __init__ itself; plain Python cannot construct such a class, so this does what Serve does."""
+    server = DenoiserServer.__new__(DenoiserServer)
+    await server.__init__(model, pool, pool_name)
+    return server

@@ -22,6 +22,8 @@ import yaml
 from protos.diffusiongemma.v1 import diffusion_pb2 as pb
 from protos.diffusiongemma.v1 import diffusion_pb2_grpc as pb_grpc
 
+pytestmark = pytest.mark.slow  # a local Ray cluster and Serve: about a minute
+
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = yaml.safe_load((ROOT / "deploy" / "config.yaml").read_text())
 TIERS = CONFIG["applications"][0]["args"]["tiers"]
@@ -199,7 +201,8 @@ def test_bad_input_gets_a_400_naming_the_field(app, route, body, field):
 
 
 def test_the_server_keeps_serving_after_bad_input(app):
-    httpx.post(f"{app.http}/v1/generate", content=b"{not json", timeout=30)
+    bad = httpx.post(f"{app.http}/v1/generate", content=b"{not json", timeout=30)
+    assert bad.status_code == 400 and bad.json()["error"]["type"] == "invalid_request_error"
     ok = generate(app, {"text": "reverse: a b c", "tier": "fast", "seed": 0})
     assert ok.status_code == 200 and ok.json()["text"].split() == ["c", "b", "a"]
 

@@ -3,17 +3,23 @@ RayService carries deploy/gpu.yaml verbatim, and the checked-in gRPC modules mat
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
 import yaml
+from pydantic import ValidationError
 from ray.serve.schema import ServeDeploySchema
 
 from model.checkpoint import EMBEDDED
+from model.config import SamplerSettings
 from model.training.train import ENTROPY_BOUND
 from model.weights import load_network
+from protos.diffusiongemma.v1 import diffusion_pb2 as pb
 from protos.generate import stale
 from serving.config import AppConfig
+from serving.protocol import ChatBody, CompletionBody, GenerateBody
+from serving.sampling import OVERRIDE_NAMES, TierLimits, TierSampler
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 
@@ -58,3 +64,18 @@ def test_rayservice_carries_the_gpu_config():
 
 def test_generated_grpc_modules_are_fresh():
     assert stale() == [], "run `python -m protos.generate`"
+
+
+def test_every_sampler_knob_reaches_http_grpc_and_the_tier_config():
+    """SamplerSettings is the one definition: the request bodies, the gRPC message, a tier's defaults and its
+    limits all carry exactly its fields (plus the adaptive_stop switch), with its defaults and bounds."""
+    knobs = {f.name for f in dataclasses.fields(SamplerSettings)}
+    assert set(pb.SamplerOverrides.DESCRIPTOR.fields_by_name) == knobs | {"adaptive_stop"} == set(OVERRIDE_NAMES)
+    for body in (GenerateBody, ChatBody, CompletionBody):
+        assert knobs | {"adaptive_stop"} <= set(body.model_fields)
+    assert set(TierLimits.model_fields) == knobs | {"adaptive_stop"}
+    assert TierSampler().settings() == SamplerSettings()
+    with pytest.raises(ValidationError, match="max_denoising_steps"):
+        GenerateBody(text="hi", max_denoising_steps=0)  # SamplerSettings' bound ge=1
+    with pytest.raises(ValidationError, match="entropy_bound"):
+        TierSampler(entropy_bound=0)  # gt=0

@@ -247,26 +247,49 @@ def test_requests_that_cannot_fit_are_refused_and_a_full_queue_overloads(net):
     assert isinstance(final, FinalEvent) and len(tokens) == C
 
 
-def all_at_once(net, reqs: list[GenerateRequest], **engine_kw) -> list[list[int]]:
+class RecordingDenoiser(Denoiser):
+    """Records the slots of every denoising forward it runs."""
+
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        self.stepped: list[list[int]] = []
+
+    def step(self, slots):
+        self.stepped.append(list(slots))
+        return super().step(slots)
+
+
+def all_at_once(net, reqs: list[GenerateRequest], slots: int, **engine_kw) -> tuple[list[list[int]], list[list[int]]]:
+    """Every request submitted at once: their tokens, and the slots of each denoising forward."""
+    d = RecordingDenoiser(net, slots=slots, max_context=CONTEXT, eos_token_ids=())
+
     async def main():
-        engine = make_engine(net, **engine_kw)
+        engine = Engine(d, registry=CollectorRegistry(), **engine_kw)
         engine.start()
         results = await asyncio.gather(*(collect(engine.submit(r)) for r in reqs))
         await engine.stop()
         return [tokens for tokens, _, _ in results]
 
-    return run(main())
+    return run(main()), d.stepped
 
 
 def test_row_buckets_pad_with_a_scratch_slot_and_change_nothing(net):
     reqs = requests(net)[:3]
-    # 3 rows padded to 4 with slot 4, the scratch slot
-    assert all_at_once(net, reqs, slots=5, row_buckets=(4,)) == [alone(net, r).tokens for r in reqs]
+    tokens, stepped = all_at_once(net, reqs, slots=5, row_buckets=(2, 4))
+    assert tokens == [alone(net, r).tokens for r in reqs]
+    assert {len(s) for s in stepped} <= {2, 4}  # every forward padded up to a bucket
+    scratch = 4  # the denoiser's last slot, never given to a request
+    assert sorted(stepped[0]) == [0, 1, 2, scratch]  # three rows padded to 4 with the scratch slot
+    assert all(scratch not in s[: len(s) - s.count(scratch)] for s in stepped)  # requests never get it
+    assert any(s.count(scratch) == 1 and len(s) == 2 for s in stepped)  # one row left: padded to 2
 
 
 def test_more_live_requests_than_batch_rows_all_finish_in_turn(net):
     reqs = requests(net)
-    assert all_at_once(net, reqs, slots=5, max_batch_rows=2) == [alone(net, r).tokens for r in reqs]
+    tokens, stepped = all_at_once(net, reqs, slots=5, max_batch_rows=2)
+    assert tokens == [alone(net, r).tokens for r in reqs]
+    assert max(len(s) for s in stepped) == 2  # five live requests, never more than two rows in a forward
+    assert len({slot for s in stepped[:3] for slot in s}) == 5  # rotation: all five stepped within 3 forwards
 
 
 def test_health_check_fails_when_the_loop_is_stuck_or_dead(net):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from transformers import DynamicCache
@@ -145,3 +147,28 @@ def test_grouped_expert_product_equals_the_expert_loop(window):
     net.use_grouped_mm = True
     grouped = net._experts(lw, z, router)
     assert torch.allclose(loop, grouped, atol=1e-5)
+
+
+def test_an_empty_per_layer_config_means_no_overrides(tmp_path):
+    """transformers writes `per_layer_config: {}` when the full layers' head sizes equal the sliding ones; that
+    is "no overrides", not "the released model's global head size (512)", which would refuse the checkpoint."""
+    from model.presets import preset, random_hf_model
+    from tests.conftest import write_tokenizer
+
+    tiny = preset("tiny")["text_config"]
+    config = preset("tiny", global_head_dim=tiny["head_dim"], num_global_key_value_heads=tiny["num_key_value_heads"])
+    hf = random_hf_model(config, seed=5)
+    hf.save_pretrained(tmp_path)
+    write_tokenizer(tmp_path, tiny["vocab_size"])
+    assert json.loads((tmp_path / "config.json").read_text())["text_config"]["per_layer_config"] == {}
+    net, ckpt = load_network(str(tmp_path))
+    assert set(ckpt.config.head_dims) == {tiny["head_dim"]}
+    assert set(ckpt.config.kv_heads) == {tiny["num_key_value_heads"]}
+    prompt = torch.tensor([2, 5, 6, 7, 8])
+    canvas = torch.arange(net.config.canvas_length) % net.config.vocab_size
+    ref = hf_denoise(hf, hf_prefill(hf, prompt), canvas, None)
+    cache = KVCache(net.config, 1, 32, "cpu", net.dtype)
+    slots = torch.tensor([0])
+    net.prefill(cache, slots, prompt[None], torch.tensor([len(prompt)]))
+    ours = net.logits(net.denoise(cache, slots, canvas[None], None))[0]
+    assert (ours - ref).abs().max() <= FP32_TOL

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from safetensors.torch import load_file
 from transformers import AutoTokenizer, DiffusionGemmaForBlockDiffusion
@@ -25,6 +26,7 @@ def _mean_abs_difference(a, b) -> float:
     return total / sum(t.numel() for t in wa.values())
 
 
+@pytest.mark.slow  # five short training runs, one of them compiled: about three minutes
 def test_a_short_run_is_deterministic_and_the_monitor_changes_nothing(tmp_path, capsys):
     common = ["--steps", "4", "--batch", "4", "--warmup", "2", "--seed", "3"]
     train.main(["--out", str(tmp_path / "a"), "--monitor-every", "2", *common])
@@ -77,3 +79,11 @@ def test_own_noise_draws_from_the_block_and_leaves_plain_runs_unchanged():
     plain = train.noise_ids(x0, torch.zeros(3, dtype=torch.bool), gen_a)
     assert torch.equal(plain, torch.randint(0, train.VOCAB, (3, train.CANVAS), generator=gen_b))
     assert torch.equal(torch.rand(4, generator=gen_a), torch.rand(4, generator=gen_b))
+
+
+def test_training_needs_an_out_folder_so_it_never_overwrites_the_shipped_model(capsys):
+    before = (EMBEDDED / "model.safetensors").stat().st_mtime_ns
+    with pytest.raises(SystemExit) as exit_:
+        train.main(["--steps", "1", "--batch", "2"])
+    assert exit_.value.code == 2 and "--out" in capsys.readouterr().err
+    assert (EMBEDDED / "model.safetensors").stat().st_mtime_ns == before

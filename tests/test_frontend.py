@@ -1,0 +1,208 @@
+"""The ingress in-process, no Ray: the HTTP app through httpx's ASGI transport and the gRPC servicer on a real
+grpc.aio server on loopback, over the front end and a real engine on the embedded model (deploy/config.yaml's
+tiers and pool). Faults are injected into the pool's stream: an engine error, a stream cut before its final
+event, a pool that cannot be reached."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import grpc
+import httpx
+import pytest
+import yaml
+
+from protos.diffusiongemma.v1 import diffusion_pb2 as pb
+from protos.diffusiongemma.v1 import diffusion_pb2_grpc as pb_grpc
+from serving.config import AppConfig
+from serving.frontend import Frontend, LocalPool
+from serving.grpc_server import DiffusionServicer
+from serving.http_server import http_app
+from serving.replica import local_replica
+from serving.request import FinalEvent
+
+ROOT = Path(__file__).resolve().parent.parent
+ARGS = yaml.safe_load((ROOT / "deploy" / "config.yaml").read_text())["applications"][0]["args"]
+
+
+class RecordingPool(LocalPool):
+    """The replica's real stream, with what was sent to it recorded and an optional fault injected."""
+
+    def __init__(self, server: Any, fault: str | None = None):
+        super().__init__(server)
+        self.payloads: list[dict] = []
+        self.fault = fault
+
+    async def generate(self, payload: dict) -> AsyncIterator[Any]:
+        self.payloads.append(payload)
+        if self.fault == "unreachable":
+            raise ConnectionError("no replica")
+        async for item in self.server.generate(payload):
+            if self.fault == "no-final" and isinstance(item, FinalEvent):
+                return
+            yield item
+
+
+@asynccontextmanager
+async def service(fault: str | None = None):
+    config = AppConfig(**ARGS)
+    (pool_name, pool), *_ = config.pools.items()
+    server = await local_replica(config.model, pool.model_dump(), pool_name)
+    recording = RecordingPool(server, fault)
+    frontend = Frontend(config, {pool_name: recording})
+    grpc_server = grpc.aio.server()
+    pb_grpc.add_DiffusionServiceServicer_to_server(DiffusionServicer(frontend), grpc_server)
+    port = grpc_server.add_insecure_port("127.0.0.1:0")
+    await grpc_server.start()
+    transport = httpx.ASGITransport(app=http_app(frontend))
+    try:
+        async with (
+            httpx.AsyncClient(transport=transport, base_url="http://ingress", timeout=60) as http,
+            grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel,
+        ):
+            yield http, pb_grpc.DiffusionServiceStub(channel), recording, server
+    finally:
+        await grpc_server.stop(None)
+        await server.engine.stop()
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, timeout=120))
+
+
+CHAT = {"messages": [{"role": "user", "content": "reverse: a b c"}], "seed": 0, "tier": "fast"}
+
+
+def sse_events(text: str) -> list:
+    return [json.loads(line[6:]) for line in text.splitlines() if line.startswith("data: {")]
+
+
+def test_the_engines_request_id_is_the_one_the_client_sees():
+    async def main():
+        async with service() as (http, stub, pool, _):
+            chat = await http.post("/v1/chat/completions", json=CHAT)
+            mine = await http.post("/v1/chat/completions", json=CHAT, headers={"x-request-id": "client-7.a"})
+            native = await http.post("/v1/generate", json={"text": "sort: 312", "tier": "fast", "stream": True})
+            req = pb.GenerateRequest(text="reverse: p q r", tier="fast", seed=2)
+            unary = await stub.Generate(req)
+            streamed = [c async for c in stub.GenerateStream(req)]
+            bad = await http.post("/v1/chat/completions", json=CHAT, headers={"x-request-id": "no spaces"})
+            return chat, mine, native, unary, streamed, bad, [p["request_id"] for p in pool.payloads]
+
+    chat, mine, native, unary, streamed, bad, engine_ids = run(main())
+    assert chat.status_code == 200 and chat.json()["choices"][0]["message"]["content"].split() == ["c", "b", "a"]
+    assert chat.json()["id"] == chat.headers["x-request-id"] == engine_ids[0] and engine_ids[0].startswith("chatcmpl-")
+    assert mine.json()["id"] == mine.headers["x-request-id"] == engine_ids[1] == "client-7.a"
+    final = sse_events(native.text)[-1]
+    assert final["type"] == "final" and final["id"] == native.headers["x-request-id"] == engine_ids[2]
+    assert unary.request_id == engine_ids[3] and unary.text.split() == ["r", "q", "p"]
+    assert streamed[-1].final.request_id == engine_ids[4] != engine_ids[3]
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "x-request-id"
+    assert len(engine_ids) == 5  # the refused id never reached the engine
+
+
+def test_an_engine_error_is_an_openai_error_on_every_path(monkeypatch):
+    async def main():
+        async with service() as (http, stub, _, server):
+
+            def poisoned(slots):
+                raise RuntimeError("poisoned row")
+
+            monkeypatch.setattr(server.engine.denoiser, "step", poisoned)
+            plain = await http.post("/v1/chat/completions", json=CHAT)
+            streamed = await http.post("/v1/chat/completions", json=CHAT | {"stream": True})
+            native = await http.post("/v1/generate", json={"text": "hi", "tier": "fast"})
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await stub.Generate(pb.GenerateRequest(text="hi", tier="fast"))
+            monkeypatch.undo()
+            after = await http.post("/v1/chat/completions", json=CHAT)
+            return plain, streamed, native, err.value, after
+
+    plain, streamed, native, rpc_error, after = run(main())
+    for r in (plain, native):
+        assert r.status_code == 500 and r.headers["x-request-id"]
+        error = r.json()["error"]
+        assert error["type"] == "server_error" and "poisoned row" in error["message"]
+    assert streamed.status_code == 200  # the headers went out before the failure: it is reported in-band
+    assert "poisoned row" in sse_events(streamed.text)[-1]["error"]["message"]
+    assert streamed.text.rstrip().endswith("data: [DONE]")
+    assert rpc_error.code() == grpc.StatusCode.INTERNAL and "poisoned row" in rpc_error.details()
+    assert after.status_code == 200  # and the engine serves the next request
+
+
+def test_a_stream_cut_before_its_final_event_is_an_error_not_a_crash():
+    async def main():
+        async with service(fault="no-final") as (http, stub, _, _):
+            plain = await http.post("/v1/chat/completions", json=CHAT)
+            streamed = await http.post("/v1/generate", json={"text": "hi", "tier": "fast", "stream": True})
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                [c async for c in stub.GenerateStream(pb.GenerateRequest(text="hi", tier="fast"))]
+            return plain, streamed, err.value
+
+    plain, streamed, rpc_error = run(main())
+    assert plain.status_code == 500 and "without a final event" in plain.json()["error"]["message"]
+    events = sse_events(streamed.text)
+    assert events[0]["type"] == "canvas" and events[-1] == {"type": "error", "message": events[-1]["message"]}
+    assert "without a final event" in events[-1]["message"]
+    assert rpc_error.code() == grpc.StatusCode.INTERNAL
+
+
+def test_an_unreachable_pool_is_503_and_unavailable():
+    async def main():
+        async with service(fault="unreachable") as (http, stub, _, _):
+            r = await http.post("/v1/chat/completions", json=CHAT)
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await stub.Generate(pb.GenerateRequest(text="hi"))
+            return r, err.value
+
+    r, rpc_error = run(main())
+    assert r.status_code == 503 and "no replica" in r.json()["error"]["message"]
+    assert rpc_error.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_bad_input_names_the_field_in_process():
+    async def main():
+        async with service() as (http, stub, _, _):
+            not_json = await http.post(
+                "/v1/generate", content=b"{not json", headers={"content-type": "application/json"}
+            )
+            steps = await http.post("/v1/generate", json={"text": "hi", "tier": "fast", "max_denoising_steps": 9})
+            seed = await http.post("/v1/generate", json={"text": "hi", "seed": -1})
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                sampler = pb.SamplerOverrides(entropy_bound=-1.0)
+                await stub.Generate(pb.GenerateRequest(text="hi", sampler=sampler))
+            return not_json, steps, seed, err.value
+
+    not_json, steps, seed, rpc_error = run(main())
+    assert not_json.status_code == 400 and not_json.json()["error"]["type"] == "invalid_request_error"
+    assert steps.status_code == 400 and steps.json()["error"]["param"] == "max_denoising_steps"
+    assert "[1, 4]" in steps.json()["error"]["message"]  # the fast tier's limit
+    assert seed.status_code == 400 and seed.json()["error"]["param"] == "seed"
+    assert rpc_error.code() == grpc.StatusCode.INVALID_ARGUMENT and "entropy_bound" in rpc_error.details()
+
+
+def test_the_ingress_imports_no_torch():
+    """The ingress process tokenizes and speaks HTTP and gRPC; torch is the replicas' (gigabytes of import)."""
+    code = (
+        "import sys, yaml\n"
+        "from serving.app import build\n"
+        "from serving.config import AppConfig\n"
+        "from serving.frontend import Frontend\n"
+        "from serving.http_server import http_app\n"
+        "from serving.ingress import Ingress\n"
+        f"args = yaml.safe_load(open({str(ROOT / 'deploy' / 'config.yaml')!r}))['applications'][0]['args']\n"
+        "frontend = Frontend(AppConfig(**args), {})\n"
+        "http_app(frontend)\n"
+        "assert frontend.user_prompt('reverse: a b')[0] == 2\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch'))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
