@@ -29,9 +29,10 @@ TINY_VISION = dict(
 
 
 def _model(text: dict, canvas: int) -> dict:
+    """A DiffusionGemmaConfig dict: the text shape, the released model's special ids, a tiny vision tower."""
     v = text["vocab_size"]
     return dict(
-        text_config=text,
+        text_config=dict(pad_token_id=0, eos_token_id=1, bos_token_id=2) | text,
         vision_config=dict(TINY_VISION),
         canvas_length=canvas,
         image_token_id=v - 1,
@@ -58,9 +59,6 @@ PRESETS: dict[str, dict] = {
             top_k_experts=2,
             sliding_window=8,
             max_position_embeddings=1024,
-            pad_token_id=0,
-            eos_token_id=1,
-            bos_token_id=2,
         ),
         canvas=8,
     ),
@@ -81,9 +79,6 @@ PRESETS: dict[str, dict] = {
             top_k_experts=2,
             sliding_window=512,
             max_position_embeddings=8192,
-            pad_token_id=0,
-            eos_token_id=1,
-            bos_token_id=2,
         ),
         canvas=256,
     ),
@@ -105,9 +100,6 @@ PRESETS: dict[str, dict] = {
                 top_k_experts=8,
                 sliding_window=1024,
                 max_position_embeddings=262144,
-                pad_token_id=0,
-                eos_token_id=1,
-                bos_token_id=2,
             ),
             canvas=256,
         ),

@@ -9,6 +9,7 @@ as metadata.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from dataclasses import asdict
 from typing import Any
 
 import grpc
@@ -29,15 +30,8 @@ from serving.sampling import OVERRIDE_NAMES, SamplerOverrides
 
 
 def usage_pb(u: Usage) -> pb.Usage:
-    return pb.Usage(
-        prompt_tokens=u.prompt_tokens,
-        generated_tokens=u.generated_tokens,
-        canvases=u.canvases,
-        steps_per_canvas=u.steps_per_canvas,
-        queue_time_s=u.queue_time_s,
-        time_to_first_canvas_s=u.time_to_first_canvas_s or 0.0,
-        total_time_s=u.total_time_s,
-    )
+    """The proto's Usage has the engine's fields; no first canvas (a cancelled request) is 0 there."""
+    return pb.Usage(**(asdict(u) | {"time_to_first_canvas_s": u.time_to_first_canvas_s or 0.0}))
 
 
 def controls(req: pb.GenerateRequest) -> Controls:

@@ -47,7 +47,7 @@ def test_cpu_tiers_sample_with_the_embedded_checkpoints_entropy_bound():
     """A tier's settings are its own, not read from the checkpoint: they must repeat the bound it was tuned to."""
     _, ckpt = load_network(str(EMBEDDED))
     tiers = AppConfig(**load("config.yaml")["applications"][0]["args"]).tiers
-    assert ckpt.generation.sampler.entropy_bound == ENTROPY_BOUND  # what model.train writes
+    assert ckpt.generation.sampler.entropy_bound == ENTROPY_BOUND  # what model.training.train writes
     assert {t.sampler.entropy_bound for t in tiers.values()} == {ckpt.generation.sampler.entropy_bound}
 
 

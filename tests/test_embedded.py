@@ -90,3 +90,18 @@ def test_evaluate_reports_the_accuracy_bars_on_the_shipped_checkpoint(capsys):
     assert {"tokens_per_s_by_steps", "accuracy_by_steps_single_answer", "mean_steps_adaptive"} <= set(printed)
     overall, many = result["accuracy_by_steps"], result["accuracy_by_steps_many_answers"]
     assert overall[16] >= 0.9 and many[16] - many[2] >= 0.3, printed
+
+
+def test_the_tradeoff_picture_is_drawn_from_the_evaluations(tmp_path, capsys):
+    """loadtest.plot_tradeoff reads the last JSON line of model.training.evaluate and loadtest.evaluate_tiers."""
+    from loadtest import evaluate_tiers, plot_tradeoff
+
+    evaluate.main(["--caps", "2,16"])
+    (tmp_path / "evaluate.txt").write_text(capsys.readouterr().out)
+    evaluate_tiers.main([])
+    (tmp_path / "tiers.txt").write_text(capsys.readouterr().out)
+    out = tmp_path / "tradeoff.png"
+    args = ["--evaluate", str(tmp_path / "evaluate.txt"), "--tiers", str(tmp_path / "tiers.txt"), "--out", str(out)]
+    result = plot_tradeoff.main(args)
+    assert result == {"out": str(out), "caps": [2, 16], "tiers": ["fast", "balanced", "quality"]}
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 20_000

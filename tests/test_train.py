@@ -56,8 +56,8 @@ def test_a_short_run_is_deterministic_and_the_monitor_changes_nothing(tmp_path, 
 
 def test_the_monitor_measures_a_trained_model():
     """The monitor builds our network from the in-memory weights: on the shipped checkpoint it must see what
-    `python -m model.evaluate --entropy-bound 0.1` sees (0.925 single-answer and 0.81 many-answer at 16 steps on
-    the held-out set; the monitor samples at that bound, not at the checkpoint's 0.01)."""
+    `python -m model.training.evaluate --entropy-bound 0.1` sees (0.925 single-answer and 0.81 many-answer at 16
+    steps on the held-out set; the monitor samples at that bound, not at the checkpoint's 0.01)."""
     hf = DiffusionGemmaForBlockDiffusion.from_pretrained(EMBEDDED)
     line = train.Monitor(AutoTokenizer.from_pretrained(EMBEDDED))(hf)
     assert line["monitor_single"] >= 0.8 and line["monitor_many"] >= 0.4
