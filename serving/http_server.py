@@ -169,8 +169,10 @@ def http_app(frontend: Frontend) -> FastAPI:
 
     @app.post("/v1/completions")
     async def completions(body: CompletionBody, request: Request):
-        prompt = body.prompt if isinstance(body.prompt, list) else None
-        return await openai(body, lambda: prompt or frontend.raw_prompt(body.prompt), request, chat=False)
+        def prompt() -> list[int]:  # token ids as they are, text without a chat template
+            return body.prompt if isinstance(body.prompt, list) else frontend.raw_prompt(body.prompt)
+
+        return await openai(body, prompt, request, chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatBody, request: Request):

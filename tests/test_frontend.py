@@ -175,12 +175,14 @@ def test_bad_input_names_the_field_in_process():
             )
             steps = await http.post("/v1/generate", json={"text": "hi", "tier": "fast", "max_denoising_steps": 9})
             seed = await http.post("/v1/generate", json={"text": "hi", "seed": -1})
+            no_ids = await http.post("/v1/completions", json={"prompt": []})
             with pytest.raises(grpc.aio.AioRpcError) as err:
                 sampler = pb.SamplerOverrides(entropy_bound=-1.0)
                 await stub.Generate(pb.GenerateRequest(text="hi", sampler=sampler))
-            return not_json, steps, seed, err.value
+            return not_json, steps, seed, no_ids, err.value
 
-    not_json, steps, seed, rpc_error = run(main())
+    not_json, steps, seed, no_ids, rpc_error = run(main())
+    assert no_ids.status_code == 400 and no_ids.json()["error"]["param"] == "prompt"
     assert not_json.status_code == 400 and not_json.json()["error"]["type"] == "invalid_request_error"
     assert steps.status_code == 400 and steps.json()["error"]["param"] == "max_denoising_steps"
     assert "[1, 4]" in steps.json()["error"]["message"]  # the fast tier's limit
