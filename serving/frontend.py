@@ -20,7 +20,7 @@ engine or its stream ended without a final event. This module imports neither to
 from __future__ import annotations
 
 import re
-import secrets
+import uuid
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
@@ -40,6 +40,11 @@ from serving.request import (
 )
 
 REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+
+
+def new_request_id() -> str:
+    """A request id of the form Serve's proxy gives HTTP requests (a UUID), so ids look alike in its logs."""
+    return str(uuid.uuid4())
 
 
 class Unavailable(RuntimeError):
@@ -192,7 +197,6 @@ class Frontend:
         max_new_tokens: int | None = None,
         stream_drafts: bool = False,
         request_id: str | None = None,
-        id_prefix: str = "gen",
     ) -> Opened:
         """Send the request to a replica of its tier's pool and wait until it is accepted (slot or queue
         place). Refusals raise here, before any reply is started."""
@@ -203,7 +207,7 @@ class Frontend:
         if len(ids) > self.config.max_prompt_tokens:
             raise InvalidRequest("prompt", f"{len(ids)} tokens; the limit is {self.config.max_prompt_tokens}")
         if request_id is None:
-            request_id = f"{id_prefix}-{secrets.token_hex(12)}"
+            request_id = new_request_id()
         elif not REQUEST_ID.fullmatch(request_id):
             raise InvalidRequest("x-request-id", "must be 1-128 characters of letters, digits and . _ : -")
         # an empty prompt or ids outside the model's vocabulary: the engine refuses them (field "prompt")

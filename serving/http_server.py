@@ -2,8 +2,10 @@
 /v1/generate, /v1/models, /health and /ready (docs/api.md has every field and status code).
 
 `http_app(frontend)` builds the FastAPI app; under Serve the ingress builds it in its replica
-(serving/ingress.py), and tests can call it in-process. Every reply to an accepted request carries its id in
-an `x-request-id` header (a client may send its own). Errors are OpenAI-style JSON:
+(serving/ingress.py), and tests can call it in-process. A request's id is its `x-request-id` header: Serve's
+proxy gives every HTTP request one (the client's, or a new UUID) and echoes it in the reply; outside Serve the
+`RequestIds` middleware does the same, so the app itself never writes the header (under Serve it would then
+appear twice). That id is the engine's. Errors are OpenAI-style JSON:
 `{"error": {"message", "type", "param", "code"}}`.
 """
 
@@ -17,6 +19,8 @@ from dataclasses import asdict
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.datastructures import MutableHeaders
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from serving.frontend import (
     Answer,
@@ -27,6 +31,7 @@ from serving.frontend import (
     Frontend,
     Opened,
     Unavailable,
+    new_request_id,
 )
 from serving.protocol import ChatBody, CompletionBody, Diffusion, GenerateBody, OpenAIOptions
 from serving.request import InvalidRequest, Overloaded, Usage
@@ -35,12 +40,32 @@ _ERROR_TYPES = {400: "invalid_request_error", 429: "rate_limit_error", 503: "ser
 OPENAI_FINISH = {"eos": "stop"}  # the engine's "length" and "cancelled" keep their names
 
 
-def error_response(
-    status: int, message: str, param: str | None = None, retry_after: float | None = None, request_id: str = ""
-) -> JSONResponse:
-    headers = {"Retry-After": str(max(1, round(retry_after)))} if retry_after is not None else {}
-    if request_id:
+class RequestIds:
+    """Outside Serve, what its proxy does for every HTTP request: one without an `x-request-id` gets a new one,
+    and the reply carries it."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = MutableHeaders(scope=scope)
+        request_id = headers.get("x-request-id") or new_request_id()
         headers["x-request-id"] = request_id
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                MutableHeaders(scope=message)["x-request-id"] = request_id
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)
+
+
+def error_response(
+    status: int, message: str, param: str | None = None, retry_after: float | None = None
+) -> JSONResponse:
+    headers = {"Retry-After": str(max(1, round(retry_after)))} if retry_after is not None else None
     kind = _ERROR_TYPES.get(status, "server_error")
     body = {"error": {"message": message, "type": kind, "param": param, "code": status}}
     return JSONResponse(body, status_code=status, headers=headers)
@@ -71,8 +96,11 @@ def openai_usage(u: Usage, tier: str) -> dict:
     }
 
 
-def http_app(frontend: Frontend) -> FastAPI:
+def http_app(frontend: Frontend, assign_request_ids: bool = True) -> FastAPI:
+    """assign_request_ids: False under Serve, whose proxy already gives requests their ids and echoes them."""
     app = FastAPI(title="diffusiongemma-serve")
+    if assign_request_ids:
+        app.add_middleware(RequestIds)
 
     @app.exception_handler(RequestValidationError)
     async def _bad_body(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -86,7 +114,6 @@ def http_app(frontend: Frontend) -> FastAPI:
         request: Request,
         max_new_tokens: int | None,
         stream_drafts: bool,
-        id_prefix: str,
     ) -> Opened | JSONResponse:
         """Tokenize and open; a refusal becomes its 400 / 429 / 503 before any byte is sent."""
         try:
@@ -97,7 +124,6 @@ def http_app(frontend: Frontend) -> FastAPI:
                 max_new_tokens=max_new_tokens,
                 stream_drafts=stream_drafts,
                 request_id=request.headers.get("x-request-id"),
-                id_prefix=id_prefix,
             )
         except InvalidRequest as exc:
             return error_response(400, str(exc), exc.field)
@@ -110,11 +136,10 @@ def http_app(frontend: Frontend) -> FastAPI:
         try:
             return await opened.collect()
         except EngineFailure as exc:
-            return error_response(500, str(exc), request_id=opened.request_id)
+            return error_response(500, str(exc))
 
-    def streaming(lines: AsyncIterator[dict], opened: Opened, on_error: Callable[[EngineFailure], dict]):
-        headers = {"x-request-id": opened.request_id}
-        return StreamingResponse(sse_stream(lines, on_error), media_type="text/event-stream", headers=headers)
+    def streaming(lines: AsyncIterator[dict], on_error: Callable[[EngineFailure], dict]) -> StreamingResponse:
+        return StreamingResponse(sse_stream(lines, on_error), media_type="text/event-stream")
 
     # ---------------------------------------------------------------- OpenAI
 
@@ -126,7 +151,7 @@ def http_app(frontend: Frontend) -> FastAPI:
             return error_response(
                 400, f"model: unknown model {body.model!r}; this server has {frontend.model_id!r}", "model"
             )
-        opened = await open_request(prompt, body, request, body.length(), False, "chatcmpl" if chat else "cmpl")
+        opened = await open_request(prompt, body, request, body.length(), False)
         if isinstance(opened, JSONResponse):
             return opened
         kind = "chat.completion" if chat else "text_completion"
@@ -153,7 +178,7 @@ def http_app(frontend: Frontend) -> FastAPI:
                 return answer
             finish = OPENAI_FINISH.get(answer.finish_reason, answer.finish_reason)
             full = reply(kind, answer.text, finish, delta=False) | {"usage": openai_usage(answer.usage, opened.tier)}
-            return JSONResponse(full, headers={"x-request-id": opened.request_id})
+            return JSONResponse(full)
 
         chunk_kind = kind + ".chunk" if chat else kind
 
@@ -165,7 +190,7 @@ def http_app(frontend: Frontend) -> FastAPI:
                     finish = OPENAI_FINISH.get(c.finish_reason, c.finish_reason)
                     yield reply(chunk_kind, "", finish, delta=True) | {"usage": openai_usage(c.usage, opened.tier)}
 
-        return streaming(lines(), opened, lambda exc: {"error": {"message": str(exc), "type": "server_error"}})
+        return streaming(lines(), lambda exc: {"error": {"message": str(exc), "type": "server_error"}})
 
     @app.post("/v1/completions")
     async def completions(body: CompletionBody, request: Request):
@@ -196,7 +221,7 @@ def http_app(frontend: Frontend) -> FastAPI:
             prompt = lambda: frontend.raw_prompt(body.prompt)
         else:
             prompt = lambda: body.token_ids
-        opened = await open_request(prompt, body, request, body.max_new_tokens, body.stream_drafts, "gen")
+        opened = await open_request(prompt, body, request, body.max_new_tokens, body.stream_drafts)
         if isinstance(opened, JSONResponse):
             return opened
         if not body.stream:
@@ -211,7 +236,7 @@ def http_app(frontend: Frontend) -> FastAPI:
                 "tier": opened.tier,
                 "usage": asdict(answer.usage),
             }
-            return JSONResponse(reply, headers={"x-request-id": opened.request_id})
+            return reply
 
         async def lines() -> AsyncIterator[dict]:
             async for c in opened.chunks:
@@ -228,7 +253,7 @@ def http_app(frontend: Frontend) -> FastAPI:
                         "usage": asdict(c.usage),
                     }
 
-        return streaming(lines(), opened, lambda exc: {"type": "error", "message": str(exc)})
+        return streaming(lines(), lambda exc: {"type": "error", "message": str(exc)})
 
     # ---------------------------------------------------------------- health
 

@@ -44,7 +44,7 @@ class Ingress:
         self.servicer = DiffusionServicer(self.frontend)
 
     def __serve_build_asgi_app__(self) -> FastAPI:
-        return http_app(self.frontend)
+        return http_app(self.frontend, assign_request_ids=False)  # Serve's proxy gives and echoes request ids
 
     async def Generate(self, request: pb.GenerateRequest, grpc_context: Any = None) -> pb.GenerateResponse:
         return await self.servicer.Generate(request, grpc_context)

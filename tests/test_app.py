@@ -110,10 +110,13 @@ def test_openai_client_plain_and_streaming(app):
     client = OpenAI(base_url=f"{app.http}/v1", api_key="unused", max_retries=0)
     model = client.models.list().data[0].id
 
-    chat = client.chat.completions.create(
+    raw = client.chat.completions.with_raw_response.create(
         model=model, messages=[{"role": "user", "content": "reverse: a b c d"}], seed=3, max_tokens=16
     )
+    chat = raw.parse()
     assert chat.choices[0].message.content.split() == ["d", "c", "b", "a"]
+    # the engine's id is Serve's request id: the response id, and the x-request-id header once (not echoed twice)
+    assert raw.headers.get_list("x-request-id") == [chat.id]
     assert chat.usage.completion_tokens > 0 and chat.usage.prompt_tokens > 0
 
     pieces, last = [], None

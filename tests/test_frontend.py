@@ -9,6 +9,7 @@ import asyncio
 import json
 import subprocess
 import sys
+import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -98,7 +99,9 @@ def test_the_engines_request_id_is_the_one_the_client_sees():
 
     chat, mine, native, unary, streamed, bad, engine_ids = run(main())
     assert chat.status_code == 200 and chat.json()["choices"][0]["message"]["content"].split() == ["c", "b", "a"]
-    assert chat.json()["id"] == chat.headers["x-request-id"] == engine_ids[0] and engine_ids[0].startswith("chatcmpl-")
+    assert chat.json()["id"] == chat.headers["x-request-id"] == engine_ids[0]
+    assert uuid.UUID(engine_ids[0])  # without a client's id, a new UUID, as Serve's proxy gives
+    assert chat.headers.get_list("x-request-id") == [engine_ids[0]]  # the header once
     assert mine.json()["id"] == mine.headers["x-request-id"] == engine_ids[1] == "client-7.a"
     final = sse_events(native.text)[-1]
     assert final["type"] == "final" and final["id"] == native.headers["x-request-id"] == engine_ids[2]
