@@ -223,14 +223,13 @@ class Frontend:
         events = self.pools[tier.pool].generate(payload)
         try:
             first = await anext(events)
-        except Exception as exc:
+        except Exception as exc:  # no replica, or one that died before answering
             await events.aclose()
             raise Unavailable(f"pool {tier.pool!r} did not take the request: {exc}") from exc
-        if isinstance(first, Refusal):
-            await events.aclose()
-            raise first.error()
         if not isinstance(first, Accepted):
             await events.aclose()
+            if isinstance(first, Refusal):
+                raise first.error()
             raise Unavailable(f"pool {tier.pool!r} answered {type(first).__name__} instead of accepting")
         return Opened(request_id, name, len(ids), self._chunks(events))
 
