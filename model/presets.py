@@ -166,3 +166,33 @@ def random_hf_model(config: dict, seed: int = 0, dtype: torch.dtype = torch.floa
                 scalars.setdefault(idx, 1 + 0.1 * torch.randn(1, generator=gen))
                 buf.copy_(scalars[idx])  # encoder and decoder copies must agree
     return model.to(dtype).eval()
+
+
+def write_word_tokenizer(path, vocab_size: int) -> None:
+    """A word-level tokenizer whose ids fill a random model's vocabulary (pad 0, eos 1, bos 2, unk 3, then
+    `w4`...): text in and out for checkpoints that have no real tokenizer."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<eos>", "<bos>", "<unk>"]
+    words = [f"w{i}" for i in range(vocab_size - len(specials))]
+    vocab = {t: i for i, t in enumerate(specials + words)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 2)])
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>"
+    )
+    fast.save_pretrained(path)
+
+
+def save_random_checkpoint(
+    path, name: str, seed: int = 0, dtype: torch.dtype = torch.float32, eos_token_id: tuple[int, ...] = (1,)
+) -> None:
+    """A servable checkpoint folder (config, generation config, safetensors, tokenizer) of a preset with
+    random weights: what benchmarks of the serving path load by path, like a released model."""
+    config = PRESETS[name]
+    hf = random_hf_model(config, seed=seed, dtype=dtype)
+    hf.generation_config = hf_generation_config(list(eos_token_id), max_denoising_steps=8, max_new_tokens=256)
+    hf.save_pretrained(path)
+    write_word_tokenizer(path, config["text_config"]["vocab_size"])

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
+import grpc
 from fastapi import FastAPI
 from ray.serve.handle import DeploymentHandle
 
@@ -18,6 +19,10 @@ from serving.config import AppConfig
 from serving.frontend import Frontend
 from serving.grpc_server import DiffusionServicer
 from serving.http_server import http_app
+
+
+class StreamFailed(RuntimeError):
+    """A gRPC stream ended with an error code set on its context."""
 
 
 class ServePool:
@@ -52,3 +57,8 @@ class Ingress:
     async def GenerateStream(self, request: pb.GenerateRequest, grpc_context: Any = None):
         async for chunk in self.servicer.GenerateStream(request, grpc_context):
             yield chunk
+        # Serve's proxy copies the context's code onto the call only when a message is yielded: a stream that
+        # failed before its first chunk (or after its last) would end OK and empty (or silently short). Raising
+        # with the code set makes the proxy answer that code (the replica wraps it in gRPCStatusError).
+        if grpc_context is not None and grpc_context.code() not in (None, grpc.StatusCode.OK):
+            raise StreamFailed(grpc_context.details() or "the stream failed")

@@ -15,7 +15,7 @@ import pytest
 import torch
 from transformers import DiffusionGemmaForBlockDiffusion
 
-from model.presets import hf_generation_config, preset, random_hf_model
+from model.presets import hf_generation_config, preset, random_hf_model, write_word_tokenizer
 
 
 @dataclass
@@ -23,23 +23,6 @@ class Built:
     path: Path
     hf: DiffusionGemmaForBlockDiffusion
     dtype: torch.dtype
-
-
-def write_tokenizer(path: Path, vocab_size: int) -> None:
-    """A word-level tokenizer whose ids fill the model's vocabulary: pad 0, eos 1, bos 2, unk 3."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    specials = ["<pad>", "<eos>", "<bos>", "<unk>"]
-    words = [f"w{i}" for i in range(vocab_size - len(specials))]
-    vocab = {t: i for i, t in enumerate(specials + words)}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 2)])
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>"
-    )
-    fast.save_pretrained(path)
 
 
 def build(path: Path, config: dict, seed: int, dtype: torch.dtype, global_form: bool = False) -> Built:
@@ -54,7 +37,7 @@ def build(path: Path, config: dict, seed: int, dtype: torch.dtype, global_form: 
         text["global_head_dim"] = config["text_config"]["global_head_dim"]
         text["num_global_key_value_heads"] = config["text_config"]["num_global_key_value_heads"]
         cfg_file.write_text(json.dumps(raw, indent=2))
-    write_tokenizer(path, config["text_config"]["vocab_size"])
+    write_word_tokenizer(path, config["text_config"]["vocab_size"])
     return Built(path, hf, dtype)
 
 
@@ -70,6 +53,24 @@ WIDE_GLOBAL = preset(
     sliding_window=16,
 )
 WIDE_GLOBAL["canvas_length"] = 16
+
+
+@pytest.fixture(scope="session")
+def served(tmp_path_factory):
+    """`serve run` of one config at a time (loadtest/serve_run.py), shared by every test that needs the app."""
+    from loadtest.serve_run import ServeRun
+
+    runs = ServeRun(tmp_path_factory.mktemp("serve"))
+    yield runs
+    runs.stop()
+
+
+@pytest.fixture()
+def shipped_app(served):
+    """`serve run deploy/config.yaml` as shipped, on free ports."""
+    from loadtest.serve_run import shipped_config
+
+    return served.get(shipped_config())
 
 
 @pytest.fixture(scope="session")

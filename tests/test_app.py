@@ -5,91 +5,27 @@ package on /v1, httpx for the native routes and the errors, the generated gRPC s
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
-import socket
-import subprocess
-import sys
 import time
-from dataclasses import dataclass
-from pathlib import Path
 
 import grpc
 import httpx
 import pytest
 import yaml
 
+from loadtest.serve_run import App, shipped_config
 from protos.diffusiongemma.v1 import diffusion_pb2 as pb
 from protos.diffusiongemma.v1 import diffusion_pb2_grpc as pb_grpc
 
 pytestmark = pytest.mark.slow  # a local Ray cluster and Serve: about a minute
 
-ROOT = Path(__file__).resolve().parent.parent
-CONFIG = yaml.safe_load((ROOT / "deploy" / "config.yaml").read_text())
+CONFIG = shipped_config()
 TIERS = CONFIG["applications"][0]["args"]["tiers"]
 POOL = CONFIG["applications"][0]["args"]["pools"]["cpu"]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@dataclass
-class App:
-    http: str
-    grpc_target: str
-    log: Path
-
-    def load(self) -> dict:
-        r = httpx.get(f"{self.http}/ready", timeout=30)
-        r.raise_for_status()
-        return r.json()["pools"]["cpu"]
-
-
-@pytest.fixture(scope="module")
-def app(tmp_path_factory) -> App:
-    tmp = tmp_path_factory.mktemp("serve")
-    cfg = yaml.safe_load((ROOT / "deploy" / "config.yaml").read_text())
-    http_port, grpc_port = free_port(), free_port()
-    cfg["http_options"].update(host="127.0.0.1", port=http_port)
-    cfg["grpc_options"]["port"] = grpc_port
-    path = tmp / "config.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    log = tmp / "serve.log"
-    # RAY_ADDRESS=local: the CLI starts its own cluster even where another one runs on this machine
-    env = os.environ | {"RAY_AUTH_MODE": "disabled", "RAY_ADDRESS": "local"}
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "ray.serve.scripts", "run", str(path)],
-            cwd=ROOT,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    served = App(f"http://127.0.0.1:{http_port}", f"127.0.0.1:{grpc_port}", log)
-    try:
-        deadline = time.monotonic() + 240
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"serve run exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
-            try:
-                if httpx.get(f"{served.http}/ready", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"the app was not ready in 240 s:\n{log.read_text()[-4000:]}")
-            time.sleep(1)
-        yield served
-    finally:
-        proc.send_signal(signal.SIGINT)  # the CLI shuts Serve and the cluster it started down
-        try:
-            proc.wait(timeout=90)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+@pytest.fixture()
+def app(shipped_app) -> App:
+    return shipped_app
 
 
 def chat_prompt_text(task: str) -> str:
@@ -242,11 +178,15 @@ def test_grpc_unary_and_streaming(app):
         ({"text": "hi", "max_new_tokens": -5}, "max_new_tokens"),
     ],
 )
-def test_grpc_bad_input_is_invalid_argument(app, request_fields, field):
+@pytest.mark.parametrize("rpc", ["Generate", "GenerateStream"])
+def test_grpc_bad_input_is_invalid_argument(app, request_fields, field, rpc):
+    # a stream refused before its first chunk must not end OK and empty (Serve's proxy sets a context's code
+    # only on a yielded message)
     with grpc.insecure_channel(app.grpc_target) as channel:
-        stub = pb_grpc.DiffusionServiceStub(channel)
+        call = getattr(pb_grpc.DiffusionServiceStub(channel), rpc)
         with pytest.raises(grpc.RpcError) as err:
-            stub.Generate(pb.GenerateRequest(**request_fields), timeout=30)
+            reply = call(pb.GenerateRequest(**request_fields), timeout=30)
+            list(reply) if rpc == "GenerateStream" else reply
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert field in err.value.details()
 
@@ -302,6 +242,9 @@ def test_overload_gets_429_and_disconnects_free_their_slots(app):
                     stub = pb_grpc.DiffusionServiceStub(channel)
                     with pytest.raises(grpc.RpcError) as err:
                         stub.Generate(pb.GenerateRequest(text="hi", tier="fast"), timeout=30)
+                    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                    with pytest.raises(grpc.RpcError) as err:
+                        list(stub.GenerateStream(pb.GenerateRequest(text="hi", tier="fast"), timeout=30))
                     assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
                 return codes
             finally:  # close every stream mid-flight: the client goes away

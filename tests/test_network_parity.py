@@ -152,14 +152,13 @@ def test_grouped_expert_product_equals_the_expert_loop(window):
 def test_an_empty_per_layer_config_means_no_overrides(tmp_path):
     """transformers writes `per_layer_config: {}` when the full layers' head sizes equal the sliding ones; that
     is "no overrides", not "the released model's global head size (512)", which would refuse the checkpoint."""
-    from model.presets import preset, random_hf_model
-    from tests.conftest import write_tokenizer
+    from model.presets import preset, random_hf_model, write_word_tokenizer
 
     tiny = preset("tiny")["text_config"]
     config = preset("tiny", global_head_dim=tiny["head_dim"], num_global_key_value_heads=tiny["num_key_value_heads"])
     hf = random_hf_model(config, seed=5)
     hf.save_pretrained(tmp_path)
-    write_tokenizer(tmp_path, tiny["vocab_size"])
+    write_word_tokenizer(tmp_path, tiny["vocab_size"])
     assert json.loads((tmp_path / "config.json").read_text())["text_config"]["per_layer_config"] == {}
     net, ckpt = load_network(str(tmp_path))
     assert set(ckpt.config.head_dims) == {tiny["head_dim"]}

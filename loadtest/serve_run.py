@@ -1,0 +1,112 @@
+"""`serve run` as users start it, for the benchmarks and tests that need the whole application: a real local Ray
+started by the CLI, a config (deploy/config.yaml, or one derived from it) with free loopback ports in place of
+8000 / 9000. One ServeRun holds at most one app (two Ray clusters on two cores would slow both): asking for
+another config stops the running one first. Stopped by its PID (SIGINT: the CLI shuts Serve and its cluster
+down), never by name."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent  # the CLI runs here, so the app's modules import
+SHIPPED = ROOT / "deploy" / "config.yaml"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def shipped_config() -> dict:
+    return yaml.safe_load(SHIPPED.read_text())
+
+
+@dataclass
+class App:
+    http: str
+    grpc_target: str
+    log: Path
+    config: dict
+
+    def load(self, pool: str = "cpu") -> dict:
+        r = httpx.get(f"{self.http}/ready", timeout=30)
+        r.raise_for_status()
+        return r.json()["pools"][pool]
+
+
+class ServeRun:
+    def __init__(self, tmp: Path, env: dict[str, str] | None = None):
+        self.tmp = tmp
+        self.env = env or {}
+        self.key: str | None = None
+        self.proc: subprocess.Popen | None = None
+        self.app: App | None = None
+
+    def get(self, config: dict, ready_timeout_s: float = 240) -> App:
+        key = json.dumps(config, sort_keys=True)
+        if key == self.key and self.proc is not None and self.proc.poll() is None:
+            return self.app
+        self.stop()
+        cfg = json.loads(key)
+        http_port, grpc_port = free_port(), free_port()
+        cfg["http_options"].update(host="127.0.0.1", port=http_port)
+        cfg["grpc_options"]["port"] = grpc_port
+        run = self.tmp / f"run{time.monotonic_ns()}"
+        run.mkdir()
+        path = run / "config.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        log = run / "serve.log"
+        # RAY_ADDRESS=local: the CLI starts its own cluster even where another one runs on this machine
+        env = os.environ | {"RAY_AUTH_MODE": "disabled", "RAY_ADDRESS": "local"} | self.env
+        with open(log, "wb") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "ray.serve.scripts", "run", str(path)],
+                cwd=ROOT,
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        self.key, self.app = key, App(f"http://127.0.0.1:{http_port}", f"127.0.0.1:{grpc_port}", log, cfg)
+        deadline = time.monotonic() + ready_timeout_s
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"serve run exited with {self.proc.returncode}:\n{log.read_text()[-4000:]}")
+            try:
+                if httpx.get(f"{self.app.http}/ready", timeout=5).status_code == 200:
+                    return self.app
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"the app was not ready in {ready_timeout_s:.0f} s:\n{log.read_text()[-4000:]}")
+            time.sleep(1)
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(timeout=90)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc, self.key, self.app = None, None, None
+
+    def __enter__(self) -> ServeRun:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
