@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +41,14 @@ class App:
     grpc_target: str
     log: Path
     config: dict
+    ray_dir: Path  # the cluster's RAY_TMPDIR: its session files (ports, logs)
+
+    def metrics(self) -> str:
+        """One Prometheus scrape of the node's metrics port (Ray exports every process's metrics there)."""
+        (port_file,) = (self.ray_dir / "ray" / "session_latest").glob("metrics_export_port_*")
+        r = httpx.get(f"http://127.0.0.1:{port_file.read_text().strip()}/metrics", timeout=30)
+        r.raise_for_status()
+        return r.text
 
     def load(self, pool: str = "cpu") -> dict:
         r = httpx.get(f"{self.http}/ready", timeout=30)
@@ -68,8 +78,11 @@ class ServeRun:
         path = run / "config.yaml"
         path.write_text(yaml.safe_dump(cfg))
         log = run / "serve.log"
+        # a short path of its own: Ray's socket paths must stay under 108 bytes
+        ray_dir = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))
         # RAY_ADDRESS=local: the CLI starts its own cluster even where another one runs on this machine
-        env = os.environ | {"RAY_AUTH_MODE": "disabled", "RAY_ADDRESS": "local"} | self.env
+        env = os.environ | {"RAY_AUTH_MODE": "disabled", "RAY_ADDRESS": "local", "RAY_TMPDIR": str(ray_dir)}
+        env |= self.env
         with open(log, "wb") as out:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "ray.serve.scripts", "run", str(path)],
@@ -78,7 +91,8 @@ class ServeRun:
                 stdout=out,
                 stderr=subprocess.STDOUT,
             )
-        self.key, self.app = key, App(f"http://127.0.0.1:{http_port}", f"127.0.0.1:{grpc_port}", log, cfg)
+        self.key = key
+        self.app = App(f"http://127.0.0.1:{http_port}", f"127.0.0.1:{grpc_port}", log, cfg, ray_dir)
         deadline = time.monotonic() + ready_timeout_s
         while True:
             if self.proc.poll() is not None:
@@ -103,6 +117,8 @@ class ServeRun:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        if self.app is not None:
+            shutil.rmtree(self.app.ray_dir, ignore_errors=True)
         self.proc, self.key, self.app = None, None, None
 
     def __enter__(self) -> ServeRun:

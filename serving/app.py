@@ -33,11 +33,9 @@ def build(args: dict) -> Application:
         actor = {"num_cpus": pool.num_cpus, "num_gpus": pool.num_gpus}
         if pool.threads:
             actor["runtime_env"] = {"env_vars": {"OMP_NUM_THREADS": str(pool.threads)}}
-        pools[name] = denoiser.options(
-            name=f"Denoiser-{name}",
-            num_replicas=pool.replicas,
-            ray_actor_options=actor,
-            request_router_config=routing,
-        ).bind(config.model, pool.model_dump(), name)
+        options = dict(name=f"Denoiser-{name}", num_replicas=pool.replicas, ray_actor_options=actor)
+        if pool.router == "step_aware":
+            options["request_router_config"] = routing
+        pools[name] = denoiser.options(**options).bind(config.model, pool.model_dump(), name)
     ingress = serve.deployment(serve.ingress()(Ingress), name="Ingress", max_ongoing_requests=MAX_ONGOING)
     return ingress.options(ray_actor_options={"num_cpus": 0}).bind(config.model_dump(), pools)

@@ -72,6 +72,9 @@ class Pool(Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto"] | DtypeName = "auto"  # auto: the checkpoint's own
     compile: bool = False  # torch.compile + CUDA graphs on GPU, with row buckets
+    # which replica takes a request: step_aware (serving/routing.py: least denoising work in the request's
+    # horizon) or power_of_two (Serve's default: the shorter of two replicas' request queues)
+    router: Literal["step_aware", "power_of_two"] = "step_aware"
 
 
 class AppConfig(Strict):

@@ -18,7 +18,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from prometheus_client import REGISTRY, CollectorRegistry
+from prometheus_client import CollectorRegistry
 
 from model.denoiser import Denoiser
 from serving.metrics import engine_metrics
@@ -95,7 +95,7 @@ class Engine:
         max_prefill_tokens: int = 4096,
         row_buckets: tuple[int, ...] | None = None,
         name: str = "default",
-        registry: CollectorRegistry = REGISTRY,
+        registry: CollectorRegistry | None = None,  # None: Ray's metrics in a Ray process, else the default
         stuck_after_s: float = 120.0,
     ):
         """`row_buckets` pads every denoising forward up to the next listed row count (serving/runner.py)."""
@@ -149,7 +149,7 @@ class Engine:
         if not self.scheduler.submit(job):
             self.metrics.requests.labels(self.name, "overloaded").inc()
             raise Overloaded(f"the queue is full ({self.scheduler.max_queue} requests waiting)", self.retry_after_s())
-        self.metrics.queue_depth.labels(self.name).set(len(self.scheduler.queue))
+        self._gauges()
         self._wake.set()
         return RequestStream(self, job)
 
@@ -179,6 +179,10 @@ class Engine:
 
     def load(self) -> Load:
         return self.scheduler.load()
+
+    def work(self) -> list[int]:
+        """Steps left per live and queued request (the router's view of what a new request would share)."""
+        return self.scheduler.work()
 
     def check_health(self) -> None:
         """Raise if the loop has died or one iteration has been running for longer than `stuck_after_s`."""
@@ -248,8 +252,13 @@ class Engine:
         if rows:
             m.batch_rows.labels(self.name).observe(rows)
         m.busy.labels(self.name).inc(took)
-        m.queue_depth.labels(self.name).set(len(self.scheduler.queue))
-        m.occupancy.labels(self.name).set(len(self.scheduler.live) / self.scheduler.slots)
+        self._gauges()
+
+    def _gauges(self) -> None:
+        m, load = self.metrics, self.scheduler.load()
+        m.queue_depth.labels(self.name).set(load.queue_depth)
+        m.occupancy.labels(self.name).set(load.live_requests / self.scheduler.slots)
+        m.outstanding_steps.labels(self.name).set(load.outstanding_steps)
 
     def _finish(self, job: Job, reason: str) -> None:
         now = time.perf_counter()

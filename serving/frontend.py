@@ -20,6 +20,7 @@ engine or its stream ended without a final event. This module imports neither to
 from __future__ import annotations
 
 import re
+import time
 import uuid
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import asdict, dataclass, field
@@ -28,6 +29,7 @@ from typing import Any, Protocol
 from model.chat import chat_ids, prompt_ids, text_ids
 from model.checkpoint import read_checkpoint
 from serving.config import AppConfig
+from serving.metrics import frontend_metrics
 from serving.request import (
     Accepted,
     CanvasEvent,
@@ -35,6 +37,7 @@ from serving.request import (
     ErrorEvent,
     FinalEvent,
     InvalidRequest,
+    Overloaded,
     Refusal,
     Usage,
 )
@@ -161,7 +164,7 @@ class Detokenizer:
 
 
 class Frontend:
-    def __init__(self, config: AppConfig, pools: Mapping[str, PoolClient], tokenizer: Any = None):
+    def __init__(self, config: AppConfig, pools: Mapping[str, PoolClient], tokenizer: Any = None, registry=None):
         # The checkpoint's tokenizer.json through the tokenizers backend: AutoTokenizer would import torch.
         from transformers import PreTrainedTokenizerFast
 
@@ -171,6 +174,7 @@ class Frontend:
         self.tokenizer = tokenizer or PreTrainedTokenizerFast.from_pretrained(ckpt.path)
         self.model_id = "diffusiongemma-embedded" if config.model == "embedded" else config.model
         self.max_new_default = config.max_new_tokens or ckpt.generation.max_new_tokens
+        self.metrics = frontend_metrics(registry)
 
     # ---------------------------------------------------------------- prompts
 
@@ -197,10 +201,40 @@ class Frontend:
         max_new_tokens: int | None = None,
         stream_drafts: bool = False,
         request_id: str | None = None,
+        protocol: str = "http",
     ) -> Opened:
         """Send the request to a replica of its tier's pool and wait until it is accepted (slot or queue
-        place). Refusals raise here, before any reply is started."""
+        place). Refusals raise here, before any reply is started; `protocol` labels the metrics."""
+        started = time.perf_counter()
         name = controls.tier or header_tier or self.config.default_tier
+        try:
+            return await self._open(ids, controls, name, max_new_tokens, stream_drafts, request_id, protocol, started)
+        except (InvalidRequest, Overloaded, Unavailable) as exc:
+            self._refused(name, protocol, exc)
+            raise
+
+    def _refused(self, tier: str, protocol: str, exc: Exception) -> None:
+        if isinstance(exc, InvalidRequest):
+            outcome, reason = "invalid", exc.field
+        elif isinstance(exc, Overloaded):
+            outcome, reason = "overloaded", "queue_full"
+        else:
+            outcome, reason = "unavailable", "no_replica"
+        label = tier if tier in self.config.tiers else "unknown"  # a client's string is no metric label
+        self.metrics.requests.labels(label, protocol, outcome).inc()
+        self.metrics.refusals.labels(protocol, reason).inc()
+
+    async def _open(
+        self,
+        ids: list[int],
+        controls: Controls,
+        name: str,
+        max_new_tokens: int | None,
+        stream_drafts: bool,
+        request_id: str | None,
+        protocol: str,
+        started: float,
+    ) -> Opened:
         tier = self.config.tiers.get(name)
         if tier is None:
             raise InvalidRequest("tier", f"unknown tier {name!r}; tiers: {sorted(self.config.tiers)}")
@@ -231,29 +265,43 @@ class Frontend:
             if isinstance(first, Refusal):
                 raise first.error()
             raise Unavailable(f"pool {tier.pool!r} answered {type(first).__name__} instead of accepting")
-        return Opened(request_id, name, len(ids), self._chunks(events))
+        return Opened(request_id, name, len(ids), self._chunks(events, name, protocol, started))
 
-    async def _chunks(self, events: AsyncIterator[Any]) -> AsyncIterator[Chunk]:
+    async def _chunks(
+        self, events: AsyncIterator[Any], tier: str, protocol: str, started: float
+    ) -> AsyncIterator[Chunk]:
         """The engine's events as text, once for every protocol. Closing this (a client that went away)
         closes the replica's stream, which cancels the request in its engine."""
         detok = Detokenizer(self.tokenizer)
+        m, outcome, first = self.metrics, "cancelled", True  # cancelled: closed before its end (client gone)
         try:
             async for e in events:
                 if isinstance(e, CanvasEvent):
+                    if first:
+                        m.time_to_first_canvas.labels(tier, protocol).observe(time.perf_counter() - started)
+                        first = False
                     yield CanvasChunk(e.index, detok.add(e.tokens), e.tokens, e.steps)
                 elif isinstance(e, DraftEvent):
                     text = self.tokenizer.decode(e.tokens, skip_special_tokens=True)
                     yield DraftChunk(e.canvas_index, e.step, text, e.tokens)
                 elif isinstance(e, FinalEvent):
+                    outcome = None  # counted now: a caller may stop reading at the final chunk
+                    m.requests.labels(tier, protocol, "cancelled" if e.finish_reason == "cancelled" else "ok").inc()
+                    m.latency.labels(tier, protocol).observe(time.perf_counter() - started)
                     yield DoneChunk(e.finish_reason, e.usage)
                     return
                 elif isinstance(e, ErrorEvent):
+                    outcome = "failed"
                     raise EngineFailure(e.message)
+            outcome = "failed"
         except EngineFailure:
             raise
         except Exception as exc:  # the replica died mid-stream, or the pool's transport failed
+            outcome = "failed"
             raise EngineFailure(f"the request's stream broke: {type(exc).__name__}: {exc}") from exc
         finally:
+            if outcome is not None:
+                m.requests.labels(tier, protocol, outcome).inc()
             await events.aclose()
         raise EngineFailure("the stream ended without a final event")
 

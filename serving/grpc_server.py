@@ -86,6 +86,7 @@ class DiffusionServicer:
             max_new_tokens=req.max_new_tokens or None,
             stream_drafts=req.stream_drafts,
             request_id=metadata.get("x-request-id"),
+            protocol="grpc",
         )
 
     async def Generate(self, req: pb.GenerateRequest, context: Any = None) -> pb.GenerateResponse:

@@ -124,6 +124,7 @@ def http_app(frontend: Frontend, assign_request_ids: bool = True) -> FastAPI:
                 max_new_tokens=max_new_tokens,
                 stream_drafts=stream_drafts,
                 request_id=request.headers.get("x-request-id"),
+                protocol="http",
             )
         except InvalidRequest as exc:
             return error_response(400, str(exc), exc.field)

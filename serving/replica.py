@@ -81,9 +81,10 @@ class DenoiserServer:
         return dataclasses.asdict(self.engine.load())
 
     def record_routing_stats(self) -> dict:
-        """Pulled by the controller for serving.routing.StepAwareRouter: outstanding steps and room left, and
-        when they were read (the router counts what it sent after that on top)."""
-        return self.load() | {"at": time.time(), "canvas_length": self.engine.denoiser.canvas_length}
+        """Pulled by the controller for serving.routing.StepAwareRouter: the steps left per request, room left,
+        and when they were read (the router counts what it sent after that on top)."""
+        at, canvas = time.time(), self.engine.denoiser.canvas_length
+        return self.load() | {"work": self.engine.work(), "at": at, "canvas_length": canvas}
 
     def check_health(self) -> None:
         self.engine.check_health()

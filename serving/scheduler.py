@@ -268,6 +268,10 @@ class Scheduler:
         if self.live.pop(job.id, None) is not None and job.slot is not None:
             self.free.append(job.slot)
 
+    def work(self) -> list[int]:
+        """Denoising steps left per request, live ones then queued ones (upper bounds: adaptive stop)."""
+        return [j.steps_left() for j in self.live.values()] + [j.canvases_total * j.cap for j in self.queue]
+
     def load(self) -> Load:
         live = list(self.live.values())
         queued = sum(j.canvases_total * j.cap for j in self.queue)

@@ -19,6 +19,7 @@ import grpc
 import httpx
 import pytest
 import yaml
+from prometheus_client import CollectorRegistry
 
 from protos.diffusiongemma.v1 import diffusion_pb2 as pb
 from protos.diffusiongemma.v1 import diffusion_pb2_grpc as pb_grpc
@@ -52,12 +53,12 @@ class RecordingPool(LocalPool):
 
 
 @asynccontextmanager
-async def service(fault: str | None = None):
+async def service(fault: str | None = None, registry: CollectorRegistry | None = None):
     config = AppConfig(**ARGS)
     (pool_name, pool), *_ = config.pools.items()
     server = await local_replica(config.model, pool.model_dump(), pool_name)
     recording = RecordingPool(server, fault)
-    frontend = Frontend(config, {pool_name: recording})
+    frontend = Frontend(config, {pool_name: recording}, registry=registry or CollectorRegistry())
     grpc_server = grpc.aio.server()
     pb_grpc.add_DiffusionServiceServicer_to_server(DiffusionServicer(frontend), grpc_server)
     port = grpc_server.add_insecure_port("127.0.0.1:0")
@@ -109,6 +110,31 @@ def test_the_engines_request_id_is_the_one_the_client_sees():
     assert streamed[-1].final.request_id == engine_ids[4] != engine_ids[3]
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "x-request-id"
     assert len(engine_ids) == 5  # the refused id never reached the engine
+
+
+def test_the_front_end_counts_requests_by_tier_protocol_and_outcome():
+    registry = CollectorRegistry()
+
+    async def main():
+        async with service(registry=registry) as (http, stub, _, _):
+            await http.post("/v1/chat/completions", json=CHAT)
+            await http.post("/v1/chat/completions", json=CHAT | {"tier": "no-such-tier"})
+            await http.post("/v1/generate", json={"text": "sort: 312", "tier": "quality", "stream": True})
+            await stub.Generate(pb.GenerateRequest(text="reverse: p q r", tier="fast", seed=2))
+        async with service(fault="no-final", registry=registry) as (http, _, _, _):
+            await http.post("/v1/generate", json={"text": "sort: 312", "tier": "fast"})
+
+    run(main())
+    count = lambda name, **labels: registry.get_sample_value(name, labels) or 0
+    requests = "dgs_frontend_requests_total"
+    assert count(requests, tier="fast", protocol="http", outcome="ok") == 1
+    assert count(requests, tier="quality", protocol="http", outcome="ok") == 1
+    assert count(requests, tier="fast", protocol="grpc", outcome="ok") == 1
+    assert count(requests, tier="unknown", protocol="http", outcome="invalid") == 1  # no label from a client string
+    assert count(requests, tier="fast", protocol="http", outcome="failed") == 1
+    assert count("dgs_frontend_refusals_total", protocol="http", reason="tier") == 1
+    assert count("dgs_frontend_latency_seconds_count", tier="fast", protocol="grpc") == 1
+    assert count("dgs_frontend_time_to_first_canvas_seconds_count", tier="quality", protocol="http") == 1
 
 
 def test_an_engine_error_is_an_openai_error_on_every_path(monkeypatch):

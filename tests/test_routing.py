@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from serving.routing import Standing, rank, request_steps
+from serving.routing import Standing, horizon_cost, rank, request_steps
 
 
 def test_request_steps_is_canvases_times_the_step_cap():
@@ -10,15 +10,30 @@ def test_request_steps_is_canvases_times_the_step_cap():
     assert request_steps(payload, canvas_length=16) == 3 * 8
 
 
-def test_free_slots_first_then_least_outstanding_work():
+def test_horizon_cost_counts_the_row_steps_a_request_would_share():
+    assert horizon_cost((60, 2, 2), steps=2) == 6  # a short request sees the rows running now
+    assert horizon_cost((60, 2, 2), steps=32) == 36  # a long one sees the work ahead
+    assert horizon_cost((), steps=8) == 0
+
+
+def test_short_requests_go_where_fewer_rows_run_long_ones_where_less_work_lies_ahead():
     standings = {
-        "full_idle": Standing(outstanding_steps=0, free_slots=0, queue_depth=3),
-        "busy": Standing(outstanding_steps=900, free_slots=2, queue_depth=0),
-        "light": Standing(outstanding_steps=40, free_slots=1, queue_depth=0),
+        "one_long": Standing(work=(60,), free_slots=4, queue_depth=0),
+        "three_short": Standing(work=(2, 2, 2), free_slots=2, queue_depth=0),
     }
-    assert rank(standings) == [["light"], ["busy"], ["full_idle"]]
+    assert rank(standings, steps=2) == [["one_long"], ["three_short"]]  # 2 shared row-steps against 6
+    assert rank(standings, steps=32) == [["three_short"], ["one_long"]]  # 6 against 32
+
+
+def test_free_slots_first_then_least_shared_work():
+    standings = {
+        "full_idle": Standing(work=(), free_slots=0, queue_depth=3),
+        "busy": Standing(work=(900,), free_slots=2, queue_depth=0),
+        "light": Standing(work=(40,), free_slots=1, queue_depth=0),
+    }
+    assert rank(standings, steps=64) == [["light"], ["busy"], ["full_idle"]]
 
 
 def test_ties_go_to_the_shorter_queue():
-    standings = {"a": Standing(100, 0, 5), "b": Standing(100, 0, 1)}
-    assert rank(standings) == [["b"], ["a"]]
+    standings = {"a": Standing((100,), 0, 5), "b": Standing((100,), 0, 1)}
+    assert rank(standings, steps=8) == [["b"], ["a"]]
