@@ -1,6 +1,6 @@
 """Routing across the replicas of one pool: the step-aware request router against Serve's default, measured.
 
-    python -m loadtest.bench_routing [--preset mid] [--requests 120] [--rate 2.5] [--quality-share 0.15]
+    python -m loadtest.bench_routing [--preset mid] [--requests 120] [--rate 0.8] [--quality-share 0.15]
 
 Two CPU replicas of one pool (one torch thread each) behind `serve run`, and a skewed open-loop workload:
 Poisson arrivals, most of them 1-canvas `fast` requests (2 steps per canvas), among multi-canvas `quality`
@@ -56,7 +56,7 @@ def main() -> None:
     ap.add_argument("--preset", default="mid")
     ap.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
     ap.add_argument("--requests", type=int, default=120)
-    ap.add_argument("--rate", type=float, default=2.5, help="arrivals per second")
+    ap.add_argument("--rate", type=float, default=0.8, help="arrivals per second")
     ap.add_argument("--quality-share", type=float, default=0.15)
     ap.add_argument("--slots", type=int, default=16)
     ap.add_argument("--order", default="ours,default", help="which router runs first")

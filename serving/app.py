@@ -33,7 +33,11 @@ def build(args: dict) -> Application:
         actor = {"num_cpus": pool.num_cpus, "num_gpus": pool.num_gpus}
         if pool.threads:
             actor["runtime_env"] = {"env_vars": {"OMP_NUM_THREADS": str(pool.threads)}}
-        options = dict(name=f"Denoiser-{name}", num_replicas=pool.replicas, ray_actor_options=actor)
+        options = dict(name=f"Denoiser-{name}", ray_actor_options=actor)
+        if pool.autoscaling is not None:
+            options["autoscaling_config"] = pool.autoscaling.serve_config()
+        else:
+            options["num_replicas"] = pool.replicas or 1
         if pool.router == "step_aware":
             options["request_router_config"] = routing
         pools[name] = denoiser.options(**options).bind(config.model, pool.model_dump(), name)

@@ -58,10 +58,42 @@ class Tier(Strict):
             raise InvalidRequest(str(exc).split(" ", 1)[0], str(exc)) from exc
 
 
+class Autoscaling(Strict):
+    """A pool's replica count follows the denoising work it holds (serving/autoscaling.py). Unknown keys are
+    refused here: Serve's own autoscaling_config ignores a misspelt one silently."""
+
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(..., ge=1)
+    initial_replicas: int | None = Field(None, ge=0)
+    # the work one replica should hold: outstanding denoising steps (default) or live canvases
+    metric: Literal["outstanding_steps", "live_canvases"] = "outstanding_steps"
+    target: float = Field(..., gt=0)
+    upscale_delay_s: float = Field(30.0, ge=0)
+    downscale_delay_s: float = Field(600.0, ge=0)
+    metrics_interval_s: float = Field(10.0, gt=0)  # how often replicas report
+    look_back_period_s: float = Field(30.0, gt=0)  # the window their reports are averaged over
+
+    @model_validator(mode="after")
+    def _bounds(self) -> Autoscaling:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas {self.min_replicas} is above max_replicas {self.max_replicas}")
+        if self.initial_replicas is not None and not self.min_replicas <= self.initial_replicas <= self.max_replicas:
+            raise ValueError("initial_replicas must lie within [min_replicas, max_replicas]")
+        return self
+
+    def serve_config(self) -> dict:
+        """Serve's autoscaling_config: the bounds and delays, and our policy with its target."""
+        from serving.autoscaling import POLICY
+
+        fields = self.model_dump(exclude={"metric", "target"}, exclude_none=True)
+        kwargs = {"target": self.target, "metric": self.metric}
+        return fields | {"policy": {"policy_function": POLICY, "policy_kwargs": kwargs}}
+
+
 class Pool(Strict):
     """One Denoiser deployment."""
 
-    replicas: int = Field(1, ge=1)
+    replicas: int | None = Field(None, ge=1)  # a fixed count (1 when neither this nor autoscaling is given)
     slots: int = Field(16, ge=1)  # requests live at once per replica (KV-cache slots)
     max_context: int = Field(1024, ge=16)  # tokens per slot: prompt plus all canvases but the last
     max_queue: int = Field(64, ge=0)  # waiting requests per replica before 429 / RESOURCE_EXHAUSTED
@@ -75,6 +107,13 @@ class Pool(Strict):
     # which replica takes a request: step_aware (serving/routing.py: least denoising work in the request's
     # horizon) or power_of_two (Serve's default: the shorter of two replicas' request queues)
     router: Literal["step_aware", "power_of_two"] = "step_aware"
+    autoscaling: Autoscaling | None = None  # instead of a fixed `replicas`
+
+    @model_validator(mode="after")
+    def _replicas_or_autoscaling(self) -> Pool:
+        if self.autoscaling is not None and self.replicas is not None:
+            raise ValueError("replicas: give either a fixed count or an autoscaling block, not both")
+        return self
 
 
 class AppConfig(Strict):

@@ -238,6 +238,7 @@ class Engine:
                     m.time_to_first_canvas.labels(self.name).observe(job.first_canvas - job.arrived)
                 m.steps_per_canvas.labels(self.name).observe(r.step.steps)
                 m.tokens_per_forward.labels(self.name).observe(len(r.step.tokens) / r.step.steps)
+                m.generated_tokens.labels(self.name).inc(len(r.step.tokens))
                 job.events.put_nowait(CanvasEvent(job.canvas_index, r.step.tokens, r.step.steps))
             elif isinstance(r, Finished):
                 self._finish(job, r.reason)

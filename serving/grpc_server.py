@@ -13,6 +13,7 @@ from dataclasses import asdict
 from typing import Any
 
 import grpc
+from grpc_health.v1 import health_pb2
 from pydantic import ValidationError
 
 from protos.diffusiongemma.v1 import diffusion_pb2 as pb
@@ -125,3 +126,36 @@ class DiffusionServicer:
                     yield pb.GenerateChunk(final=final)
         except Exception as exc:
             set_error(context, exc)
+
+
+class HealthService:
+    """The standard `grpc.health.v1.Health/Check`, what Kubernetes gRPC probes, grpc_health_probe and load
+    balancers call (they cannot call DiffusionService itself). service "" is the server: SERVING while the
+    ingress answers (a liveness probe); service "diffusiongemma.v1.DiffusionService" is SERVING only when every
+    pool answers a load query (a readiness probe), else NOT_SERVING; any other name is NOT_FOUND. Watch is not
+    offered (UNIMPLEMENTED): probes only Check."""
+
+    SERVICE = pb.DESCRIPTOR.services_by_name["DiffusionService"].full_name
+
+    def __init__(self, frontend: Frontend):
+        self.frontend = frontend
+
+    async def Check(self, req: health_pb2.HealthCheckRequest, context: Any = None) -> health_pb2.HealthCheckResponse:
+        status = health_pb2.HealthCheckResponse
+        if req.service == "":
+            return status(status=status.SERVING)
+        if req.service != self.SERVICE:
+            context.set_code(grpc.StatusCode.NOT_FOUND)
+            context.set_details(f"unknown service {req.service!r}; this server has {self.SERVICE!r}")
+            return status()
+        try:
+            await self.frontend.ready()
+        except Unavailable:
+            return status(status=status.NOT_SERVING)
+        return status(status=status.SERVING)
+
+    async def Watch(self, req: health_pb2.HealthCheckRequest, context: Any = None):
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details("Watch is not offered; call Check")
+        return
+        yield  # an async generator, as the streaming RPC expects

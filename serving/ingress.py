@@ -17,7 +17,7 @@ from ray.serve.handle import DeploymentHandle
 from protos.diffusiongemma.v1 import diffusion_pb2 as pb
 from serving.config import AppConfig
 from serving.frontend import Frontend
-from serving.grpc_server import DiffusionServicer
+from serving.grpc_server import DiffusionServicer, HealthService
 from serving.http_server import http_app
 
 
@@ -47,12 +47,17 @@ class Ingress:
     def __init__(self, config: dict, pools: dict[str, DeploymentHandle]):
         self.frontend = Frontend(AppConfig(**config), {name: ServePool(h) for name, h in pools.items()})
         self.servicer = DiffusionServicer(self.frontend)
+        self.health = HealthService(self.frontend)
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return http_app(self.frontend, assign_request_ids=False)  # Serve's proxy gives and echoes request ids
 
     async def Generate(self, request: pb.GenerateRequest, grpc_context: Any = None) -> pb.GenerateResponse:
         return await self.servicer.Generate(request, grpc_context)
+
+    async def Check(self, request: Any, grpc_context: Any = None) -> Any:
+        """grpc.health.v1.Health/Check (Serve's proxy routes it here when deploy/*.yaml registers the service)."""
+        return await self.health.Check(request, grpc_context)
 
     async def GenerateStream(self, request: pb.GenerateRequest, grpc_context: Any = None):
         async for chunk in self.servicer.GenerateStream(request, grpc_context):

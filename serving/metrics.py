@@ -15,6 +15,7 @@ Engine (label `engine` = the pool):
 - dgs_queue_time_seconds (histogram): arrival to admission
 - dgs_time_to_first_canvas_seconds (histogram): arrival to the first committed canvas
 - dgs_requests_total (counter, by outcome): eos, length, cancelled, error, rejected, overloaded
+- dgs_generated_tokens_total (counter): tokens committed to answers (its rate is the pool's throughput)
 - dgs_busy_seconds_total (counter): time the loop spent in iterations (a plan's forwards, then its events); its
   rate is the engine's utilisation (near 1: the replica is saturated and more load only queues)
 
@@ -137,6 +138,7 @@ class EngineMetrics:
         "histogram", "dgs_time_to_first_canvas_seconds", "Arrival to the first committed canvas", ("engine",), _LATENCY
     )
     requests: Any = Spec("counter", "dgs_requests", "Requests by outcome", ("engine", "outcome"))
+    generated_tokens: Any = Spec("counter", "dgs_generated_tokens", "Tokens committed to answers", ("engine",))
     busy: Any = Spec("counter", "dgs_busy_seconds", "Time the engine loop spent in iterations", ("engine",))
 
 

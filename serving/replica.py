@@ -86,6 +86,11 @@ class DenoiserServer:
         at, canvas = time.time(), self.engine.denoiser.canvas_length
         return self.load() | {"work": self.engine.work(), "at": at, "canvas_length": canvas}
 
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """Pulled by Serve for serving.autoscaling.WorkPolicy: the work this replica holds."""
+        load = self.engine.load()
+        return {"outstanding_steps": float(load.outstanding_steps), "live_canvases": float(load.live_canvases)}
+
     def check_health(self) -> None:
         self.engine.check_health()
 

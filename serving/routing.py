@@ -34,9 +34,6 @@ class Standing:
     free_slots: int
     queue_depth: int
 
-    def key(self, steps: int) -> tuple:
-        return (self.free_slots == 0, horizon_cost(self.work, steps), self.queue_depth)
-
     @property
     def outstanding_steps(self) -> int:
         return sum(self.work)
@@ -53,8 +50,10 @@ def request_steps(payload: dict, canvas_length: int) -> int:
 
 
 def rank(standings: dict[ReplicaID, Standing], steps: int) -> list[list[ReplicaID]]:
-    """One replica per rank, best first, for a request of `steps` steps."""
-    return [[rid] for rid, _ in sorted(standings.items(), key=lambda kv: kv[1].key(steps))]
+    """One replica per rank, best first, for a request of `steps` steps: a free slot first, then the least work
+    it would share its forwards with, then the shorter queue."""
+    key = lambda s: (s.free_slots == 0, horizon_cost(s.work, steps), s.queue_depth)
+    return [[rid] for rid, _ in sorted(standings.items(), key=lambda kv: key(kv[1]))]
 
 
 class StepAwareRouter(RequestRouter):

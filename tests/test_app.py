@@ -169,6 +169,21 @@ def test_grpc_unary_and_streaming(app):
         assert stub.Generate(ids, timeout=60).usage.prompt_tokens == len(reply.token_ids)
 
 
+def test_grpc_health_checks_answer_without_metadata(app):
+    """What a Kubernetes gRPC probe or grpc_health_probe sends: grpc.health.v1 Check, no application metadata."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(app.grpc_target) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        serving = health_pb2.HealthCheckResponse.SERVING
+        assert health.Check(health_pb2.HealthCheckRequest(), timeout=30).status == serving
+        ready = health.Check(health_pb2.HealthCheckRequest(service="diffusiongemma.v1.DiffusionService"), timeout=30)
+        assert ready.status == serving
+        with pytest.raises(grpc.RpcError) as err:
+            health.Check(health_pb2.HealthCheckRequest(service="nope"), timeout=30)
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
 @pytest.mark.parametrize(
     ("request_fields", "field"),
     [

@@ -16,13 +16,20 @@ def test_horizon_cost_counts_the_row_steps_a_request_would_share():
     assert horizon_cost((), steps=8) == 0
 
 
-def test_short_requests_go_where_fewer_rows_run_long_ones_where_less_work_lies_ahead():
+def test_short_requests_go_where_fewer_rows_run():
     standings = {
         "one_long": Standing(work=(60,), free_slots=4, queue_depth=0),
         "three_short": Standing(work=(2, 2, 2), free_slots=2, queue_depth=0),
     }
     assert rank(standings, steps=2) == [["one_long"], ["three_short"]]  # 2 shared row-steps against 6
-    assert rank(standings, steps=32) == [["three_short"], ["one_long"]]  # 6 against 32
+
+
+def test_long_requests_go_where_less_work_lies_ahead():
+    standings = {
+        "one_long": Standing(work=(60,), free_slots=4, queue_depth=0),
+        "three_short": Standing(work=(2, 2, 2), free_slots=2, queue_depth=0),
+    }
+    assert rank(standings, steps=32) == [["three_short"], ["one_long"]]  # 6 shared row-steps against 32
 
 
 def test_free_slots_first_then_least_shared_work():

@@ -1,0 +1,1 @@
+"""Deployment files (Serve configs, the KubeRay manifest, the dashboard) and the tool that checks them."""
