@@ -26,6 +26,7 @@ import argparse
 import asyncio
 import json
 import random
+import shutil
 import statistics
 import tempfile
 import time
@@ -153,7 +154,8 @@ async def http_stream(client: httpx.AsyncClient, it: Item) -> tuple[float, int]:
     """One streaming /v1/generate with token ids: (first canvas time, generated tokens)."""
     body = {"token_ids": it.prompt, "tier": it.tier, "max_new_tokens": it.max_new_tokens, "seed": it.seed}
     first = None
-    async with client.stream("POST", "/v1/generate", json=body | {"stream": True}) as r:
+    headers = {"x-request-id": f"bench-{it.seed}"}  # names the request in Serve's log (--serve-log)
+    async with client.stream("POST", "/v1/generate", json=body | {"stream": True}, headers=headers) as r:
         if r.status_code != 200:
             raise RuntimeError(f"HTTP {r.status_code}: {(await r.aread())[:300]!r}")
         async for line in r.aiter_lines():
@@ -231,6 +233,8 @@ def main() -> None:
     # with two, the replica's compute shares both cores with them (docs/fleet.md has both)
     ap.add_argument("--threads", type=int, default=1, help="torch threads in the replica")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--serve-log", type=Path, help="keep the serve run log here (request ids bench-<n>)")
+    ap.add_argument("--dump", type=Path, help="write every request's timings (seconds) per path as JSON here")
     args = ap.parse_args()
 
     import torch
@@ -264,7 +268,12 @@ def main() -> None:
             runs["grpc"] = asyncio.run(over_grpc(app.grpc_target, items, warmup))
             results["grpc"] = summary(runs["grpc"])
             print("grpc", results["grpc"], flush=True)
+            if args.serve_log:
+                shutil.copyfile(app.log, args.serve_log)
 
+    if args.dump:
+        rows = {path: [asdict(d) | {"tier": it.tier} for it, d in zip(items, done)] for path, done in runs.items()}
+        args.dump.write_text(json.dumps(rows))
     base = results["inprocess"]
     out = {
         "benchmark": "bench_serve",
