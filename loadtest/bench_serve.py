@@ -26,6 +26,7 @@ import argparse
 import asyncio
 import json
 import random
+import re
 import shutil
 import statistics
 import tempfile
@@ -222,6 +223,26 @@ def paired_added_ms(base: list[Done], other: list[Done]) -> float:
     return round(1000 * statistics.median(ttfc(o) - ttfc(b) for b, o in zip(base, other)), 1)
 
 
+def replica_split(items: list[Item], base: list[Done], http: list[Done], log: str) -> dict:
+    """Per HTTP request (id bench-<n> in Serve's access log): the client's latency minus the replica's own call
+    time (the path: proxy, ingress, hops), and the replica's call time minus the same request in-process (the
+    engine inside a Ray worker). Medians, ms."""
+    calls = {}
+    for m in re.finditer(r"bench-(\d+) -- CALL generate OK ([\d.]+)ms", log):
+        calls[int(m.group(1))] = float(m.group(2)) / 1000  # the last one: warm-up requests come first
+    path, replica = [], []
+    for it, b, h in zip(items, base, http):
+        if it.seed in calls:
+            path.append((h.finished - h.arrived) - calls[it.seed])
+            replica.append(calls[it.seed] - (b.finished - b.arrived))
+    if not path:
+        return {}
+    return {
+        "http_path_ms": round(1000 * statistics.median(path), 1),
+        "replica_vs_inprocess_ms": round(1000 * statistics.median(replica), 1),
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--preset", default="mid")
@@ -234,6 +255,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch threads in the replica")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--serve-log", type=Path, help="keep the serve run log here (request ids bench-<n>)")
+    ap.add_argument("--serve-env", action="append", default=[], help="KEY=VALUE for the serve run cluster")
     ap.add_argument("--dump", type=Path, help="write every request's timings (seconds) per path as JSON here")
     args = ap.parse_args()
 
@@ -260,7 +282,8 @@ def main() -> None:
         results["inprocess"] = summary(runs["inprocess"])
         print("inprocess", results["inprocess"], flush=True)
 
-        with ServeRun(Path(tmp)) as serve:
+        env = dict(kv.split("=", 1) for kv in args.serve_env)
+        with ServeRun(Path(tmp), env) as serve:
             app = serve.get(serve_config("bench", args_block))
             runs["http"] = asyncio.run(over_http(app.http, items, warmup))
             results["http"] = summary(runs["http"])
@@ -268,6 +291,7 @@ def main() -> None:
             runs["grpc"] = asyncio.run(over_grpc(app.grpc_target, items, warmup))
             results["grpc"] = summary(runs["grpc"])
             print("grpc", results["grpc"], flush=True)
+            split = replica_split(items, runs["inprocess"], runs["http"], app.log.read_text())
             if args.serve_log:
                 shutil.copyfile(app.log, args.serve_log)
 
@@ -282,6 +306,7 @@ def main() -> None:
         "requests": args.requests,
         "rate": args.rate,
         "tiers_steps": TIER_STEPS,
+        "serve_env": args.serve_env,
         **machine(),
         **{f"{k}_{m}": v for k, r in results.items() for m, v in r.items()},
         "http_vs_inprocess": round(results["http"]["tokens_per_s"] / base["tokens_per_s"], 3),
@@ -291,6 +316,7 @@ def main() -> None:
         # the same request through both paths, paired: less noisy than a difference of two medians
         "http_ttfc_added_paired_ms": paired_added_ms(runs["inprocess"], runs["http"]),
         "grpc_ttfc_added_paired_ms": paired_added_ms(runs["inprocess"], runs["grpc"]),
+        **split,
     }
     print(json.dumps(out))
 
