@@ -23,21 +23,12 @@ import statistics
 import tempfile
 from pathlib import Path
 
-import httpx
-
-from loadtest.bench_serve import Done, Item, app_args, http_stream, replay, serve_config, workload
+from loadtest.bench_serve import Done, Item, app_args, over_http, serve_config, workload
 from loadtest.report import machine, percentile
 from loadtest.serve_run import ServeRun
 
 TIER_STEPS = {"fast": 2, "quality": 8}
 ROUTERS = {"ours": "step_aware", "default": "power_of_two"}
-
-
-async def run(base: str, items: list[Item], warmup: list[Item]) -> list[Done]:
-    limits = httpx.Limits(max_connections=len(items) + 8)
-    async with httpx.AsyncClient(base_url=base, timeout=600, limits=limits) as client:
-        await asyncio.gather(*(http_stream(client, it) for it in warmup))
-        return await replay(items, lambda it: http_stream(client, it))
 
 
 def figures(items: list[Item], done: list[Done]) -> dict:
@@ -82,7 +73,7 @@ def main() -> None:
                     "router": ROUTERS[who]
                 }
                 app = runs.get(serve_config("bench", app_args(str(model), TIER_STEPS, pool)))
-                results[who] = figures(items, asyncio.run(run(app.http, items, warmup)))
+                results[who] = figures(items, asyncio.run(over_http(app.http, items, warmup)))
                 print(who, results[who], flush=True)
 
     ours, default = results["ours"], results["default"]

@@ -148,12 +148,24 @@ def sse_objects(response) -> list[tuple[float, dict]]:
 
 
 class ServeHttpUser(HttpUser):
-    """Shared by the HTTP users: post a body, sort overload from failure, check the answer's content."""
+    """Shared by the HTTP users: each route plain and streaming (one task each), overload sorted from failure,
+    the answer's content checked. A subclass says how to send one request in `send`."""
 
     abstract = True
 
     def on_start(self) -> None:
         self.workload = Workload(self.environment)
+
+    @task
+    def plain(self) -> None:
+        self.send(stream=False)
+
+    @task
+    def streaming(self) -> None:
+        self.send(stream=True)
+
+    def send(self, stream: bool) -> None:
+        raise NotImplementedError
 
     def call(self, route: str, body: dict, tier: str, check, stream: bool) -> None:
         started = time.perf_counter()
@@ -244,15 +256,7 @@ def check_native(body: dict | list[dict], stream: bool) -> int:
 
 
 class OpenAIChatUser(ServeHttpUser):
-    @task
-    def chat(self) -> None:
-        self._chat(stream=False)
-
-    @task
-    def chat_stream(self) -> None:
-        self._chat(stream=True)
-
-    def _chat(self, stream: bool) -> None:
+    def send(self, stream: bool) -> None:
         tier, prompt = self.workload.next()
         body = {"messages": [{"role": "user", "content": prompt.text}], "max_tokens": prompt.max_tokens}
         body["stream"] = stream  # the last chunk carries usage
@@ -265,15 +269,7 @@ class OpenAICompletionUser(ServeHttpUser):
         opts = self.environment.parsed_options
         self.completion_template = opts.completion_template if opts else EMBEDDED_TURN
 
-    @task
-    def completion(self) -> None:
-        self._completion(stream=False)
-
-    @task
-    def completion_stream(self) -> None:
-        self._completion(stream=True)
-
-    def _completion(self, stream: bool) -> None:
+    def send(self, stream: bool) -> None:
         tier, prompt = self.workload.next()
         text = self.completion_template.format(prompt=prompt.text)  # completions take the prompt as is
         body = {"prompt": text, "max_tokens": prompt.max_tokens, "stream": stream}
@@ -281,15 +277,7 @@ class OpenAICompletionUser(ServeHttpUser):
 
 
 class NativeUser(ServeHttpUser):
-    @task
-    def generate(self) -> None:
-        self._generate(stream=False)
-
-    @task
-    def generate_stream(self) -> None:
-        self._generate(stream=True)
-
-    def _generate(self, stream: bool) -> None:
+    def send(self, stream: bool) -> None:
         tier, prompt = self.workload.next()
         body = {"text": prompt.text, "max_new_tokens": prompt.max_tokens, "tier": tier, "stream": stream}
         self.call("/v1/generate", body, tier, check_native, stream)
