@@ -26,6 +26,8 @@ from collections.abc import AsyncIterator, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
+from prometheus_client import CollectorRegistry
+
 from model.chat import chat_ids, prompt_ids, text_ids
 from model.checkpoint import read_checkpoint
 from serving.config import AppConfig
@@ -164,7 +166,13 @@ class Detokenizer:
 
 
 class Frontend:
-    def __init__(self, config: AppConfig, pools: Mapping[str, PoolClient], tokenizer: Any = None, registry=None):
+    def __init__(
+        self,
+        config: AppConfig,
+        pools: Mapping[str, PoolClient],
+        tokenizer: Any = None,
+        registry: CollectorRegistry | None = None,  # None: Ray's metrics in a Ray process, else the default
+    ):
         # The checkpoint's tokenizer.json through the tokenizers backend: AutoTokenizer would import torch.
         from transformers import PreTrainedTokenizerFast
 
