@@ -69,9 +69,8 @@ def main() -> None:
         save_random_checkpoint(model, args.preset, seed=args.seed, dtype=getattr(torch, args.dtype))
         with ServeRun(Path(tmp)) as runs:
             for who in args.order.split(","):
-                pool = dict(replicas=2, slots=args.slots, max_context=1280, max_queue=256, num_cpus=1, threads=1) | {
-                    "router": ROUTERS[who]
-                }
+                pool = dict(replicas=2, slots=args.slots, max_context=1280, max_queue=256, num_cpus=1, threads=1)
+                pool["router"] = ROUTERS[who]
                 app = runs.get(serve_config("bench", app_args(str(model), TIER_STEPS, pool)))
                 results[who] = figures(items, asyncio.run(over_http(app.http, items, warmup)))
                 print(who, results[who], flush=True)
@@ -85,7 +84,8 @@ def main() -> None:
         "rate": args.rate,
         "quality_share": args.quality_share,
         "tiers_steps": TIER_STEPS,
-        **machine(),
+        **machine(),  # torch_threads: this process's; each replica runs one
+        "replica_threads": 1,
         "fast_p99_ours_s": ours["fast_p99_s"],
         "fast_p99_default_s": default["fast_p99_s"],
         "tokens_per_s_ours": ours["tokens_per_s"],

@@ -273,12 +273,10 @@ class Scheduler:
         return [j.steps_left() for j in self.live.values()] + [j.canvases_total * j.cap for j in self.queue]
 
     def load(self) -> Load:
-        live = list(self.live.values())
-        queued = sum(j.canvases_total * j.cap for j in self.queue)
         return Load(
-            outstanding_steps=sum(j.steps_left() for j in live) + queued,
-            live_canvases=len(live),  # a live request always has exactly one canvas in flight
+            outstanding_steps=sum(self.work()),
+            live_canvases=len(self.live),  # a live request always has exactly one canvas in flight
             free_slots=len(self.free),
             queue_depth=len(self.queue),
-            live_requests=len(live),
+            live_requests=len(self.live),
         )
