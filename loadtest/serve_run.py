@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -25,10 +26,22 @@ ROOT = Path(__file__).resolve().parent.parent  # the CLI runs here, so the app's
 SHIPPED = ROOT / "deploy" / "config.yaml"
 
 
+# Below the kernel's ephemeral range (32768 and up, where Ray's own servers and outgoing connections take ports
+# while the cluster starts) and above Ray's worker ports (10002-19999): a port free now stays free until Serve
+# binds it. One taken from the ephemeral range was once bound by a Ray process first.
+PORT_RANGE = (20000, 32000)
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    for _ in range(200):
+        port = random.randint(*PORT_RANGE)
+        try:
+            with socket.socket(socket.AF_INET6) as s:  # [::] covers IPv4 too, as Serve's gRPC server binds
+                s.bind(("::", port))
+            return port
+        except OSError:
+            continue
+    raise RuntimeError(f"no free port in {PORT_RANGE}")
 
 
 def shipped_config() -> dict:
@@ -70,7 +83,10 @@ class ServeRun:
             return self.app
         self.stop()
         cfg = json.loads(key)
-        http_port, grpc_port = free_port(), free_port()
+        http_port = free_port()
+        grpc_port = free_port()
+        while grpc_port == http_port:
+            grpc_port = free_port()
         cfg["http_options"].update(host="127.0.0.1", port=http_port)
         cfg["grpc_options"]["port"] = grpc_port
         run = self.tmp / f"run{time.monotonic_ns()}"

@@ -19,6 +19,10 @@ from model.kv_cache import KVCache
 from model.network import Network
 from model.sampler import decide, draw, entropy_and_weights, row_max, temperature
 
+# The vocabulary pass's two fp32 [tile, V] buffers together: 512 MiB holds 256 tokens of the released model's
+# 262,144-word vocabulary (one canvas per tile pair) and 2,048 of the mid preset's, whatever the batch.
+VOCAB_WORKSPACE_BYTES = 512 << 20
+
 
 @dataclass
 class Request:
@@ -51,7 +55,7 @@ class Denoiser:
         max_context: int,
         eos_token_ids: tuple[int, ...] = (1,),
         max_stability: int = 4,
-        max_chunk_tokens: int = 4096,
+        vocab_workspace_bytes: int = VOCAB_WORKSPACE_BYTES,
         static_shapes: bool = False,
         compile: bool = False,
     ):
@@ -66,7 +70,7 @@ class Denoiser:
         self.canvas_length = c.canvas_length
         self.eos = torch.tensor(eos_token_ids, device=dev)
         self.eos_ids = set(eos_token_ids)
-        self.max_chunk_tokens = max_chunk_tokens
+        self.vocab_workspace_bytes = vocab_workspace_bytes
         self.cache = KVCache(c, slots, max_context, dev, network.dtype)
         C = c.canvas_length
         i64 = dict(dtype=torch.int64, device=dev)
@@ -93,7 +97,13 @@ class Denoiser:
             # the same results without leaving the graph.
             network.use_grouped_mm = True
             mode = "reduce-overhead" if dev.type == "cuda" else None  # reduce-overhead = CUDA graphs
-            self._denoise = torch.compile(network.denoise, mode=mode, dynamic=False)
+            graph = torch.compile(network.denoise_graph, mode=mode, dynamic=False)
+
+            def compiled(*args, **kwargs) -> torch.Tensor:
+                with torch.inference_mode():
+                    return graph(*args, **kwargs)
+
+            self._denoise = compiled
 
     # ---------------------------------------------------------------- step-level API
 
@@ -212,7 +222,7 @@ class Denoiser:
         vocab = c.vocab_size
         embed = self.net.w.embed
         cap = c.final_logit_softcapping
-        tile = max(1, min(self.max_chunk_tokens, math.ceil(n_tok / 2)))
+        tile = self.vocab_tile(n_tok)
         logit_buf, prob_buf = self._scratch(tile, vocab)
         flat = hidden.reshape(n_tok, h)
         # 30*tanh(x/30)/T == (60/T)*sigmoid(x/15) - 30/T, and the constant drops out once the max is subtracted.
@@ -254,6 +264,12 @@ class Denoiser:
             sample[s:e] = draw(probs, uniform[s:e], block_sums=sums)
         soft.mul_(self.net.embed_scale / norm[:, None])  # weights @ E / sum: probabilities @ E, once for every path
         return entropy.view(b, C), sample.view(b, C), argmax.view(b, C), soft.view(b, C, h)
+
+    def vocab_tile(self, tokens: int) -> int:
+        """Tokens per tile of the vocabulary pass: at least two tiles (so the product of one overlaps nothing
+        large), and never more than the workspace budget holds, so a full batch does not grow it."""
+        budget = self.vocab_workspace_bytes // (2 * self.config.vocab_size * 4)
+        return max(1, min(budget, math.ceil(tokens / 2)))
 
     def _scratch(self, tile: int, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
         if self._buffers is None or self._buffers[0].shape[0] < tile:

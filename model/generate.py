@@ -1,6 +1,7 @@
 """Generate text with our denoiser from a checkpoint folder or hub id.
 
     python -m model.generate [--model PATH_OR_HUB_ID] --prompt "..." [--max-new-tokens N --steps N --seed S]
+                             [--weights dense|fp8|int4]
 
 Without --model it uses the small checkpoint shipped in model/embedded.
 
@@ -19,6 +20,7 @@ from model.chat import prompt_ids
 from model.checkpoint import CheckpointError
 from model.config import DTYPE_NAMES, context_needed
 from model.denoiser import Denoiser, Request
+from model.quant import WEIGHT_FORMATS
 from model.weights import load_network
 
 
@@ -41,13 +43,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--raw", action="store_true", help="do not apply the chat template")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", choices=["auto", *DTYPE_NAMES], default="auto", help="auto: the checkpoint's own dtype")
+    ap.add_argument("--weights", choices=["auto", *WEIGHT_FORMATS], default="auto", help="fp8/int4: quantize on load")
     args = ap.parse_args(argv)
 
     from transformers import AutoTokenizer
 
     try:
         dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
-        net, ckpt = load_network(args.model, device=args.device, dtype=dtype)
+        net, ckpt = load_network(args.model, device=args.device, dtype=dtype, weights=args.weights)
         tokenizer = AutoTokenizer.from_pretrained(ckpt.path)
     except (CheckpointError, OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

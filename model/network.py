@@ -21,12 +21,18 @@ import torch.nn.functional as F
 
 from model.config import FULL, SLIDING, TextConfig
 from model.kv_cache import KVCache
+from model.quant import Weight, expert_linear, grouped_linear, linear
 
 
 def rms(x: torch.Tensor, eps: float) -> torch.Tensor:
     """RMS-normalise the last dim in fp32 (transformers uses pow(-0.5); rsqrt agrees to an ulp)."""
     x = x.float()
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+
+
+def scaled(x: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    """x (fp32) times a norm scale that was not folded into the next weight (see LayerWeights)."""
+    return x if scale is None else x * scale.float()
 
 
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
@@ -75,20 +81,29 @@ def compute_dtype(device: torch.device | str, dtype: torch.dtype, mode: str = "a
 
 @dataclass
 class LayerWeights:
-    qkv: torch.Tensor  # [q + k (+ v), H], input-norm scale folded in
+    qkv: Weight  # [q + k (+ v), H], input-norm scale folded in
     q_norm: torch.Tensor
     k_norm: torch.Tensor
-    o: torch.Tensor
+    o: Weight
     post_attn_norm: torch.Tensor
-    ffn_in: torch.Tensor  # [gate 2I | router E, H]: dense gate/up (pre-ff scale folded) and router (scale folded)
-    down: torch.Tensor
+    ffn_in: Weight  # [gate 2I | router E, H]: dense gate/up (pre-ff scale folded) and router (scale folded)
+    down: Weight
     post_ff1: torch.Tensor
     post_ff2: torch.Tensor
     post_ff: torch.Tensor
-    expert_gate_up: torch.Tensor  # [E, 2M, H], pre-ff-2 scale folded in
-    expert_down: torch.Tensor  # [E, H, M]
+    expert_gate_up: Weight  # [E, 2M, H], pre-ff-2 scale folded in
+    expert_down: Weight  # [E, H, M]
     per_expert_scale: torch.Tensor
     layer_scalar: float
+    # Quantized weights (model/quant.py) keep the router in the dense dtype, out of ffn_in, which is then
+    # [gate 2I, H] only: top-k choices are where a small logit error changes the answer.
+    router: torch.Tensor | None = None
+    # Quantized weights are the checkpoint's own matrices, unfolded (a published FP8/INT4 checkpoint holds them
+    # that way, and a norm scale folded into an input column would move every value off the quantized grid):
+    # the input norm, pre-FF and pre-FF-2 scales then multiply the activations instead.
+    in_norm: torch.Tensor | None = None
+    pre_ff: torch.Tensor | None = None
+    pre_ff2: torch.Tensor | None = None
 
 
 @dataclass
@@ -150,8 +165,7 @@ class Network:
         count = torch.full((canvas.shape[0],), canvas.shape[1], dtype=torch.int64, device=canvas.device)
         self._encode(cache, slots, canvas, count)
 
-    @torch.inference_mode()
-    def denoise(
+    def denoise_graph(
         self,
         cache: KVCache,
         slots: torch.Tensor,
@@ -164,6 +178,10 @@ class Network:
         soft_embedding [B, C, H] is the previous step's probabilities @ embedding * scale (zeros for a row on
         its first step, which gives exactly the signal transformers gives when it has no logits to feed back).
         static: shapes that depend on the row count only (see KVCache.attention_plan), for compiled graphs.
+
+        This is what torch.compile traces; eager callers use `denoise`, the same forward in inference mode.
+        Traced inside a graph, the inference-mode context makes AOT autograd fail on the expert weights'
+        transposes ("Cannot set version_counter for inference tensor"), so a compiled caller enters it outside.
         """
         c = self.config
         b, n = canvas.shape
@@ -177,6 +195,8 @@ class Network:
         pos = Positions(slots, start, torch.full_like(start, n))
         x = self._layers(x, pos, cache, causal=False, static=static)
         return rms(x, c.rms_norm_eps) * self.w.final_norm.float()
+
+    denoise = torch.inference_mode()(denoise_graph)
 
     # ---------------------------------------------------------------- heads
 
@@ -231,7 +251,7 @@ class Network:
         hd, kvh, heads = c.head_dims[i], c.kv_heads[i], c.num_attention_heads
         cos, sin = rope
 
-        qkv = rms(x, eps).to(self.dtype) @ lw.qkv.T
+        qkv = linear(scaled(rms(x, eps), lw.in_norm).to(self.dtype), lw.qkv)
         q_size, k_size = heads * hd, kvh * hd
         q = qkv[..., :q_size].view(b, n, heads, hd)
         k_raw = qkv[..., q_size : q_size + k_size].view(b, n, kvh, hd)
@@ -241,15 +261,22 @@ class Network:
         v = rms(v_raw, eps).to(self.dtype)  # full layers: V is the normalised raw k_proj, no learned scale
 
         attn = cache.attend(i, q, k, v, plan, pos, causal)  # [B, n, heads*hd]
-        x = x + rms(attn @ lw.o.T, eps) * lw.post_attn_norm.float()
+        x = x + rms(linear(attn, lw.o), eps) * lw.post_attn_norm.float()
 
         residual = x
-        z = rms(residual, eps).to(self.dtype)
-        fused = z @ lw.ffn_in.T
+        normed = rms(residual, eps)
+        z = normed.to(self.dtype)
+        if lw.router is None:  # folded: [gate | up | router] in one product
+            fused = z @ lw.ffn_in.T
+            router_logits = fused[..., 2 * c.intermediate_size :]
+        else:
+            fused = linear(scaled(normed, lw.pre_ff).to(self.dtype), lw.ffn_in)
+            router_logits = z @ lw.router.T
         inter = c.intermediate_size
         gate, up = fused[..., :inter], fused[..., inter : 2 * inter]
-        m1 = rms((gelu_tanh(gate) * up) @ lw.down.T, eps) * lw.post_ff1.float()
-        m2 = self._experts(lw, z.reshape(b * n, -1), fused[..., 2 * inter :].reshape(b * n, -1))
+        m1 = rms(linear(gelu_tanh(gate) * up, lw.down), eps) * lw.post_ff1.float()
+        expert_in = z if lw.pre_ff2 is None else scaled(normed, lw.pre_ff2).to(self.dtype)
+        m2 = self._experts(lw, expert_in.reshape(b * n, -1), router_logits.reshape(b * n, -1))
         m2 = rms(m2.view(b, n, -1), eps) * lw.post_ff2.float()
         x = residual + rms(m1 + m2, eps) * lw.post_ff.float()
         return x * lw.layer_scalar
@@ -264,19 +291,22 @@ class Network:
         order = torch.argsort(flat, stable=True)
         token = order // c.top_k_experts
         rows = z[token]
-        counts = torch.bincount(flat, minlength=c.num_experts)
+        # a fixed-size count (bincount's length depends on the data: no meta tensors, no whole compiled graph)
+        counts = torch.zeros(c.num_experts, dtype=torch.int64, device=z.device).scatter_add_(
+            0, flat, torch.ones_like(flat)
+        )
         if self.use_grouped_mm:
             offs = torch.cumsum(counts, 0).to(torch.int32)
-            gate, up = F.grouped_mm(rows, lw.expert_gate_up.transpose(1, 2), offs=offs).chunk(2, dim=-1)
-            y = F.grouped_mm(gelu_tanh(gate) * up, lw.expert_down.transpose(1, 2), offs=offs)
+            gate, up = grouped_linear(rows, lw.expert_gate_up, offs).chunk(2, dim=-1)
+            y = grouped_linear(gelu_tanh(gate) * up, lw.expert_down, offs)
         else:
             y = torch.empty(rows.shape[0], c.hidden_size, dtype=self.dtype, device=z.device)
             begin = 0
             for e, cnt in enumerate(counts.tolist()):
                 if cnt:
                     sl = slice(begin, begin + cnt)
-                    gate, up = (rows[sl] @ lw.expert_gate_up[e].T).chunk(2, dim=-1)
-                    y[sl] = (gelu_tanh(gate) * up) @ lw.expert_down[e].T
+                    gate, up = expert_linear(rows[sl], lw.expert_gate_up, e).chunk(2, dim=-1)
+                    y[sl] = expert_linear(gelu_tanh(gate) * up, lw.expert_down, e)
                     begin += cnt
         y = y.float() * weights.reshape(-1)[order, None]
         out = torch.zeros(z.shape[0], c.hidden_size, dtype=torch.float32, device=z.device)

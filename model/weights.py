@@ -19,8 +19,10 @@ from safetensors import safe_open
 from tqdm.auto import tqdm
 
 from model.checkpoint import Checkpoint, CheckpointError, read_checkpoint
+from model.compressed import CompressedCheckpoint, quantization_config
 from model.config import TextConfig
 from model.network import LayerWeights, Network, NetworkWeights, compute_dtype
+from model.quant import INT4_GROUP, WEIGHT_FORMATS, QuantizedWeight, Weight, concat, quantize
 
 log = logging.getLogger(__name__)
 
@@ -94,8 +96,16 @@ def build_weights(
     dtype: torch.dtype,
     progress: bool = False,
     compute_mode: str = "auto",
+    weights: str = "dense",
+    group: int = INT4_GROUP,
+    prequantized: Callable[[str, torch.dtype], QuantizedWeight] | None = None,
 ) -> NetworkWeights:
-    """Check names and shapes, then fold and cast tensors fetched one by one with `get`."""
+    """Check names and shapes, then fold and cast tensors fetched one by one with `get`. weights: "dense", or
+    "fp8" / "int4" to quantize the attention, dense-MLP and expert matrices as they load (model/quant.py).
+    prequantized: for a checkpoint already in that format, reads a matrix (by its bf16 name) as stored.
+    """
+    if weights not in WEIGHT_FORMATS:
+        raise ValueError(f"weights must be one of {WEIGHT_FORMATS}, got {weights!r}")
     want = expected_shapes(c)
     missing = sorted(set(want) - names)
     vision = [n for n in names if n.startswith(VISION_PREFIXES)]
@@ -124,6 +134,15 @@ def build_weights(
     def cast(t: torch.Tensor) -> torch.Tensor:
         return t.to(dtype).to(compute).contiguous()
 
+    def matrix(*names: str) -> Weight:
+        """The rows of these checkpoint matrices, concatenated, in the weight format: read as stored where the
+        checkpoint is already quantized, else quantized from values rounded to the checkpoint dtype (what a dense
+        load would hold)."""
+        if prequantized is not None:
+            bar.update(len(names))
+            return concat([prequantized(n, compute) for n in names])
+        return quantize(torch.cat([f32(n) for n in names]).to(dtype), weights, compute, group)
+
     h = c.hidden_size
     layers = []
     for i in range(c.num_layers):
@@ -134,35 +153,52 @@ def build_weights(
                 f"layer {i}: encoder layer_scalar {enc_scalar.item()} != decoder layer_scalar {dec_scalar.item()}; "
                 "one network cannot serve both"
             )
-        in_norm = f32(p + "input_layernorm.weight")
-        qkv = [f32(p + "self_attn.q_proj.weight"), f32(p + "self_attn.k_proj.weight")]
+        qkv = [p + "self_attn.q_proj.weight", p + "self_attn.k_proj.weight"]
         if c.is_sliding(i):
-            qkv.append(f32(p + "self_attn.v_proj.weight"))
+            qkv.append(p + "self_attn.v_proj.weight")
+        gate_up = [p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"]
+        in_norm = f32(p + "input_layernorm.weight")
         pre_ff = f32(p + "pre_feedforward_layernorm.weight")
-        router = f32(p + "router.proj.weight") * (f32(p + "router.scale") * h**-0.5)
-        ffn_in = torch.cat([f32(p + "mlp.gate_proj.weight") * pre_ff, f32(p + "mlp.up_proj.weight") * pre_ff, router])
         pre_ff2 = f32(p + "pre_feedforward_layernorm_2.weight")
+        router = f32(p + "router.proj.weight") * (f32(p + "router.scale") * h**-0.5)
+        if weights == "dense":  # norm scales folded into the products that follow them
+            dense = dict(
+                qkv=cast(torch.cat([f32(n) for n in qkv]) * in_norm),
+                o=cast(f32(p + "self_attn.o_proj.weight")),
+                ffn_in=cast(torch.cat([f32(n) * pre_ff for n in gate_up] + [router])),
+                down=cast(f32(p + "mlp.down_proj.weight")),
+                expert_gate_up=cast(f32(p + "experts.gate_up_proj") * pre_ff2),
+                expert_down=cast(f32(p + "experts.down_proj")),
+            )
+        else:  # the checkpoint's own matrices; the norm scales multiply activations (LayerWeights says why)
+            dense = dict(
+                qkv=matrix(*qkv),
+                o=matrix(p + "self_attn.o_proj.weight"),
+                ffn_in=matrix(*gate_up),
+                down=matrix(p + "mlp.down_proj.weight"),
+                expert_gate_up=matrix(p + "experts.gate_up_proj"),
+                expert_down=matrix(p + "experts.down_proj"),
+                router=cast(router),
+                in_norm=in_norm,
+                pre_ff=pre_ff,
+                pre_ff2=pre_ff2,
+            )
         layers.append(
             LayerWeights(
-                qkv=cast(torch.cat(qkv) * in_norm),
                 q_norm=f32(p + "self_attn.q_norm.weight"),
                 k_norm=f32(p + "self_attn.k_norm.weight"),
-                o=cast(f32(p + "self_attn.o_proj.weight")),
                 post_attn_norm=f32(p + "post_attention_layernorm.weight"),
-                ffn_in=cast(ffn_in),
-                down=cast(f32(p + "mlp.down_proj.weight")),
                 post_ff1=f32(p + "post_feedforward_layernorm_1.weight"),
                 post_ff2=f32(p + "post_feedforward_layernorm_2.weight"),
                 post_ff=f32(p + "post_feedforward_layernorm.weight"),
-                expert_gate_up=cast(f32(p + "experts.gate_up_proj") * pre_ff2),
-                expert_down=cast(f32(p + "experts.down_proj")),
                 per_expert_scale=f32(p + "router.per_expert_scale"),
                 layer_scalar=float(dec_scalar),
+                **dense,
             )
         )
     sc = DEC + "self_conditioning."
     sc_gate_up = torch.cat([f32(sc + "gate_proj.weight"), f32(sc + "up_proj.weight")])
-    weights = NetworkWeights(
+    built = NetworkWeights(
         embed=cast(f32(DEC + "embed_tokens.weight")),
         layers=layers,
         final_norm=f32(DEC + "norm.weight"),
@@ -170,7 +206,7 @@ def build_weights(
         sc_down=cast(f32(sc + "down_proj.weight")),
     )
     bar.close()
-    return weights
+    return built
 
 
 def from_state_dict(
@@ -179,12 +215,20 @@ def from_state_dict(
     device: torch.device | str = "cpu",
     dtype=torch.float32,
     compute_mode: str = "auto",
+    weights: str = "dense",
 ) -> Network:
     """Build our network from a transformers state dict (used to share one set of random weights in benchmarks)."""
-    weights = build_weights(
-        c, state.__getitem__, set(state), lambda n: state[n].shape, device, dtype, compute_mode=compute_mode
+    built = build_weights(
+        c,
+        state.__getitem__,
+        set(state),
+        lambda n: state[n].shape,
+        device,
+        dtype,
+        compute_mode=compute_mode,
+        weights=weights,
     )
-    return Network(c, weights, weight_dtype=dtype)
+    return Network(c, built, weight_dtype=dtype)
 
 
 def _tensor_files(path: Path) -> dict[str, Path]:
@@ -204,8 +248,11 @@ def load_network(
     device: torch.device | str = "cpu",
     dtype: torch.dtype | None = torch.float32,
     compute_mode: str = "auto",
+    weights: str = "auto",
 ) -> tuple[Network, Checkpoint]:
-    """dtype None means the checkpoint's own dtype."""
+    """dtype None means the checkpoint's own dtype. weights: "auto" keeps the checkpoint's format (dense, or the
+    FP8 / INT4 of a compressed-tensors checkpoint, read as stored); "fp8" / "int4" quantize a dense checkpoint
+    as it loads; a quantized checkpoint cannot be loaded in another format."""
     ckpt = read_checkpoint(path_or_id)
     dtype = dtype or getattr(torch, ckpt.dtype_name)
     files = _tensor_files(ckpt.path)
@@ -226,30 +273,58 @@ def load_network(
         t = handle(name).get_tensor(name)
         return t.clone() if t.device.type == "cpu" else t
 
+    def stored_shape(name: str) -> tuple[int, ...]:
+        return tuple(handle(name).get_slice(name).get_shape())
+
+    names, get, shape_of, prequantized = set(files), tensor, stored_shape, None
+    qc = quantization_config(ckpt.raw_config)
+    if qc is not None:
+        stored = CompressedCheckpoint(ckpt.config, qc, set(files), tensor, stored_shape)
+        if weights not in ("auto", stored.fmt):
+            raise CheckpointError(f"{ckpt.path} holds {stored.fmt} weights; it cannot be served as {weights!r}")
+        weights = stored.fmt
+        names, get, shape_of, prequantized = stored.names, stored.get, stored.shape_of, stored.matrix
+    elif weights == "auto":
+        weights = "dense"
+
     total = sum(os.path.getsize(f) for f in set(files.values()))
-    weights = build_weights(
+    built = build_weights(
         ckpt.config,
-        tensor,
-        set(files),
-        lambda n: tuple(handle(n).get_slice(n).get_shape()),
+        get,
+        names,
+        shape_of,
         device,
         dtype,
         progress=total > PROGRESS_BYTES,
         compute_mode=compute_mode,
+        weights=weights,
+        prequantized=prequantized,
     )
     handles.clear()
-    return Network(ckpt.config, weights, weight_dtype=dtype), ckpt
+    return Network(ckpt.config, built, weight_dtype=dtype), ckpt
 
 
 def random_network(
-    c: TextConfig, device: torch.device | str = "cpu", dtype=torch.float32, seed: int = 0, compute_mode: str = "auto"
+    c: TextConfig,
+    device: torch.device | str = "cpu",
+    dtype=torch.float32,
+    seed: int = 0,
+    compute_mode: str = "auto",
+    weights: str = "dense",
 ) -> Network:
-    """Random weights created directly on the device in the target dtype (for benchmarks of large shapes)."""
-    gen = torch.Generator(device=device).manual_seed(seed)
+    """Random weights created directly on the device in the target dtype (for benchmarks of large shapes, and on
+    the meta device for model/memory.py's plans). weights: as load_network's."""
+    meta = torch.device(device).type == "meta"
+    gen = None if meta else torch.Generator(device=device).manual_seed(seed)
     compute = compute_dtype(device, dtype, compute_mode)
 
     def normal(*shape: int) -> torch.Tensor:
         return (torch.randn(shape, generator=gen, device=device, dtype=dtype) * 0.02).to(compute).contiguous()
+
+    def matrix(*shape: int):
+        if weights == "dense":
+            return normal(*shape)
+        return quantize(torch.randn(shape, generator=gen, device=device, dtype=dtype) * 0.02, weights, compute)
 
     def ones(n: int) -> torch.Tensor:
         return torch.ones(n, device=device)
@@ -261,27 +336,28 @@ def random_network(
         kv_out = kvh * hd * (2 if c.is_sliding(i) else 1)
         layers.append(
             LayerWeights(
-                qkv=normal(heads * hd + kv_out, h),
+                qkv=matrix(heads * hd + kv_out, h),
                 q_norm=ones(hd),
                 k_norm=ones(hd),
-                o=normal(h, heads * hd),
+                o=matrix(h, heads * hd),
                 post_attn_norm=ones(h),
-                ffn_in=normal(2 * inter + e, h),
-                down=normal(h, inter),
+                ffn_in=normal(2 * inter + e, h) if weights == "dense" else matrix(2 * inter, h),
+                router=None if weights == "dense" else normal(e, h),
+                down=matrix(h, inter),
                 post_ff1=ones(h),
                 post_ff2=ones(h),
                 post_ff=ones(h),
-                expert_gate_up=normal(e, 2 * m, h),
-                expert_down=normal(e, h, m),
+                expert_gate_up=matrix(e, 2 * m, h),
+                expert_down=matrix(e, h, m),
                 per_expert_scale=ones(e),
                 layer_scalar=1.0,
             )
         )
-    weights = NetworkWeights(
+    built = NetworkWeights(
         embed=normal(c.vocab_size, h),
         layers=layers,
         final_norm=ones(h),
         sc_gate_up=normal(2 * inter, h),
         sc_down=normal(h, inter),
     )
-    return Network(c, weights, weight_dtype=dtype)
+    return Network(c, built, weight_dtype=dtype)

@@ -103,6 +103,9 @@ class Pool(Strict):
     threads: int | None = Field(None, ge=1)  # torch threads on CPU (Ray sets OMP_NUM_THREADS=1 otherwise)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto"] | DtypeName = "auto"  # auto: the checkpoint's own
+    # auto: the checkpoint's own (dense, or a compressed-tensors FP8 / INT4 checkpoint as stored); fp8 / int4:
+    # a dense checkpoint quantized as it loads (model/quant.py, docs/quantization.md)
+    weights: Literal["auto", "dense", "fp8", "int4"] = "auto"
     compile: bool = False  # torch.compile + CUDA graphs on GPU, with row buckets
     # which replica takes a request: step_aware (serving/routing.py: least denoising work in the request's
     # horizon) or power_of_two (Serve's default: the shorter of two replicas' request queues)

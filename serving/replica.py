@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import sys
 import time
 from collections.abc import AsyncIterator
 
@@ -26,6 +27,11 @@ from serving.request import Accepted, Event, GenerateRequest, InvalidRequest, Ov
 log = logging.getLogger("ray.serve")
 
 ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+# The engine's event loop (scheduling, events to callers) and the model runner's thread share the GIL. A thread
+# that wants it waits up to the switch interval while the other runs Python between torch calls; at Python's
+# 5 ms default every hand-over of a step's results could wait that long (docs/fleet.md measures it). The
+# replica's process hosts nothing else, so it takes a shorter interval.
+GIL_SWITCH_INTERVAL_S = 0.0005
 
 
 def device_for(pool: Pool) -> torch.device:
@@ -37,11 +43,12 @@ def device_for(pool: Pool) -> torch.device:
 class DenoiserServer:
     async def __init__(self, model: str, pool: dict, pool_name: str = "default"):  # async: the engine loop needs one
         spec = Pool(**pool)
+        sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
         if spec.threads:
             torch.set_num_threads(spec.threads)
         device = device_for(spec)
         dtype = None if spec.dtype == "auto" else getattr(torch, spec.dtype)
-        net, ckpt = load_network(model, device=device, dtype=dtype)
+        net, ckpt = load_network(model, device=device, dtype=dtype, weights=spec.weights)
         buckets = ROW_BUCKETS if spec.compile else None
         slots = spec.slots + (1 if buckets else 0)  # the scratch slot that pads row buckets
         denoiser = Denoiser(net, slots, spec.max_context, ckpt.generation.eos_token_ids, compile=spec.compile)
@@ -54,9 +61,10 @@ class DenoiserServer:
         )
         self.engine.start()
         log.info(
-            "denoiser %s: %s on %s, %d slots x %d tokens, %d torch threads",
+            "denoiser %s: %s (%s weights) on %s, %d slots x %d tokens, %d torch threads",
             pool_name,
             model,
+            spec.weights,
             device,
             spec.slots,
             spec.max_context,

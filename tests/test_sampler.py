@@ -164,7 +164,7 @@ def test_fused_vocabulary_pass_matches_plain_logits(window):
     """The denoiser's sigmoid-form, tiled LM-head pass gives transformers' processed-logit statistics."""
     net, ckpt = load_network(str(window.path))
     c = ckpt.config
-    d = Denoiser(net, slots=3, max_context=64, max_chunk_tokens=5)  # tiles that cut canvases mid-way
+    d = Denoiser(net, slots=3, max_context=64, vocab_workspace_bytes=5 * 2 * c.vocab_size * 4)  # 5-token tiles
     slots = [0, 1, 2]
     for s, steps in zip(slots, (4, 9, 30)):
         d.admit(s, SamplerSettings(max_denoising_steps=steps), seed=s)

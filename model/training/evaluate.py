@@ -1,7 +1,7 @@
 """Accuracy of a checkpoint against the denoising-step cap, on the held-out tasks, through our denoiser.
 
     python -m model.training.evaluate [--model PATH] [--caps 1,2,4,8,16,32] [--seed 0]
-                                      [--split validation --entropy-bound B]
+                                      [--split validation --entropy-bound B] [--weights fp8|int4]
 
 Every held-out prompt (model/training/tasks.py, both kinds) runs at each step cap with adaptive stopping off, then
 once with the checkpoint's own adaptive stop. Prints a table, then one JSON object as the last line.
@@ -23,6 +23,7 @@ from model.chat import prompt_ids
 from model.checkpoint import EMBEDDED
 from model.config import SamplerSettings
 from model.denoiser import Denoiser, Request
+from model.quant import WEIGHT_FORMATS
 from model.training import tasks
 from model.weights import load_network
 
@@ -52,12 +53,12 @@ def run_cap(denoiser, tok, examples, prompts, settings: SamplerSettings, seed: i
     }
 
 
-def held_out_setup(model: str, examples: list[tasks.Example] | None = None):
+def held_out_setup(model: str, examples: list[tasks.Example] | None = None, weights: str = "auto"):
     """(denoiser with a slot per prompt, tokenizer, examples (default: the held-out set), their prompt ids, the
-    checkpoint's generation defaults) for a checkpoint folder or hub id."""
+    checkpoint's generation defaults) for a checkpoint folder or hub id, its weights in format `weights`."""
     from transformers import AutoTokenizer
 
-    net, ckpt = load_network(model)
+    net, ckpt = load_network(model, weights=weights)
     tok = AutoTokenizer.from_pretrained(ckpt.path)
     examples = tasks.held_out() if examples is None else examples
     prompts = [prompt_ids(tok, e.prompt) for e in examples]
@@ -77,10 +78,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--split", choices=("held-out", "validation"), default="held-out")
     ap.add_argument("--entropy-bound", type=float, help="sampler entropy bound (default: the checkpoint's)")
+    ap.add_argument("--weights", choices=["auto", *WEIGHT_FORMATS], default="auto", help="fp8/int4: quantize on load")
     args = ap.parse_args(argv)
 
     examples = tasks.validation() if args.split == "validation" else None
-    denoiser, tok, examples, prompts, gen = held_out_setup(args.model, examples)
+    denoiser, tok, examples, prompts, gen = held_out_setup(args.model, examples, args.weights)
     sampler = gen.sampler
     if args.entropy_bound is not None:
         sampler = dataclasses.replace(sampler, entropy_bound=args.entropy_bound)
@@ -102,6 +104,7 @@ def main(argv: list[str] | None = None) -> dict:
         )
     result = {
         "model": str(args.model),
+        "weights": args.weights,
         "split": args.split,
         "entropy_bound": sampler.entropy_bound,
         "prompts": len(examples),
