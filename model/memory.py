@@ -57,12 +57,15 @@ class LiveBytes(TorchDispatchMode):
         self.peak = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        # an output sharing an input's storage is a view or an in-place write: nothing new was allocated
+        inputs = {t.untyped_storage()._cdata for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
         for t in tree_flatten(out)[0]:
             if isinstance(t, torch.Tensor):
                 storage = t.untyped_storage()
                 key = storage._cdata
-                if key not in self.live:
+                if key not in inputs and key not in self.live:
                     self.live[key] = (StorageWeakRef(storage), storage.nbytes())
         self.live = {k: v for k, v in self.live.items() if not v[0].expired()}
         self.peak = max(self.peak, sum(n for _, n in self.live.values()))
@@ -151,7 +154,7 @@ def plan(
     return Plan(weight_groups(net), denoiser.cache.nbytes(), state_bytes(denoiser), buffers, peak)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     from model.presets import PRESETS
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -161,7 +164,7 @@ def main() -> None:
     ap.add_argument("--max-context", type=int, default=4096)
     ap.add_argument("--rows", type=int, default=None, help="canvases stepped at once (default: all slots)")
     ap.add_argument("--vocab-workspace-mib", type=int, default=VOCAB_WORKSPACE_BYTES >> 20)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     fmt = "dense" if args.weights == "bf16" else args.weights
     config = TextConfig.from_hf(PRESETS[args.preset])
     rows = args.rows or args.slots

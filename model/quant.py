@@ -86,7 +86,8 @@ class Fp8Weight:
         return sliced_grouped_mm(x.to(self.dtype), offs, self.data.shape, self.dtype, self._dequantize_channels)
 
     def _dequantize_channels(self, a: int, b: int) -> torch.Tensor:
-        return (self.data[:, a:b].float() * self.scale[:, a:b]).to(self.dtype)
+        w = self.data[:, a:b].to(self.dtype)  # one buffer of the slice, scaled in place
+        return w.mul_(self.scale[:, a:b].to(self.dtype))
 
 
 @dataclass
@@ -222,19 +223,24 @@ INT4_CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75)
 
 def quantize_int4(w: torch.Tensor, dtype: torch.dtype, group: int = INT4_GROUP) -> Int4Weight:
     """Symmetric round-to-nearest into [-8, 7] with one scale per group, chosen among clipping ratios of the
-    group's largest magnitude / 7 for the least squared error. A 3-D expert stack goes one expert at a time, so
-    the transient is one expert's matrix, not the layer's."""
-    w = w.float()
+    group's largest magnitude / 7 for the least squared error. An expert stack goes a few experts at a time
+    (about 64M values), so the transient is a slice of the layer, not the layer."""
     *lead, out, cols = w.shape
     if cols % 2:
         raise ValueError(f"int4 packing needs an even number of input columns, got {cols}")
     g = int4_group(cols, group)
-    if lead:
-        parts = [quantize_int4(m, dtype, g) for m in w.reshape(-1, out, cols)]
-        packed = torch.stack([p.packed for p in parts]).reshape(*lead, out, cols // 2)
-        scale = torch.stack([p.scale for p in parts]).reshape(*lead, out, cols // g)
-        return Int4Weight(packed, scale, g, dtype)
-    grouped = w.reshape(out, cols // g, g)
+    flat = w.reshape(-1, out, cols)
+    step = max(1, (1 << 26) // (out * cols))
+    parts = [_quantize_int4_groups(flat[i : i + step].float(), dtype, g) for i in range(0, flat.shape[0], step)]
+    packed = torch.cat([p for p, _ in parts]).reshape(*lead, out, cols // 2)
+    scale = torch.cat([s for _, s in parts]).reshape(*lead, out, cols // g)
+    return Int4Weight(packed, scale, g, dtype)
+
+
+def _quantize_int4_groups(w: torch.Tensor, dtype: torch.dtype, g: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [n, out, cols] fp32 -> (packed uint8 [n, out, cols // 2], scales [n, out, cols // g] in dtype)."""
+    n, out, cols = w.shape
+    grouped = w.reshape(n, out, cols // g, g)
     amax = grouped.abs().amax(dim=-1, keepdim=True)
     best_scale, best_err = None, None
     for ratio in INT4_CLIP_RATIOS:
@@ -246,8 +252,8 @@ def quantize_int4(w: torch.Tensor, dtype: torch.dtype, group: int = INT4_GROUP) 
         else:
             better = err < best_err
             best_scale, best_err = torch.where(better, scale, best_scale), torch.minimum(err, best_err)
-    q = torch.round(grouped / best_scale).clamp(-8, 7).to(torch.int16).reshape(out, cols)
-    return Int4Weight(pack_int4(q), best_scale.squeeze(-1).to(dtype), g, dtype)
+    q = torch.round(grouped / best_scale).clamp(-8, 7).to(torch.int16).reshape(n, out, cols)
+    return pack_int4(q), best_scale.squeeze(-1).to(dtype)
 
 
 def pack_int4(q: torch.Tensor) -> torch.Tensor:

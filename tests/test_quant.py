@@ -164,3 +164,84 @@ def test_denoising_forward_compiles_without_graph_breaks(fmt):
 def test_unknown_weight_format_is_refused(window):
     with pytest.raises(ValueError, match="weights must be one of"):
         load_network(str(window.path), weights="int3")
+
+
+# ---------------------------------------------------------------- published (compressed-tensors) checkpoints
+
+
+def library_dequantized(path) -> dict[str, torch.Tensor]:
+    """The checkpoint's state dict dequantized by compressed-tensors itself, experts fused back into the bf16
+    checkpoint's 3-D layout: the reference our direct reading must agree with."""
+    import json
+
+    from compressed_tensors.compressors import BaseCompressor
+    from compressed_tensors.quantization import QuantizationConfig
+    from safetensors.torch import load_file
+
+    qc = QuantizationConfig.model_validate(json.loads((path / "config.json").read_text())["quantization_config"])
+    scheme = qc.config_groups["group_0"]
+    compressor = BaseCompressor.get_value_from_registry(scheme.format)
+    stored = load_file(path / "model.safetensors")
+    modules = {n.rsplit(".", 1)[0] for n in stored if n.endswith(".weight_scale")}
+    state = {n: t for n, t in stored.items() if n.rsplit(".", 1)[0] not in modules}
+    for m in modules:
+        local = {n.rsplit(".", 1)[1]: t for n, t in stored.items() if n.rsplit(".", 1)[0] == m}
+        local["weight_scale"] = local["weight_scale"].float()  # the library dequantizes in the scale's dtype
+        state[m + ".weight"] = compressor.decompress(local, scheme)["weight"]
+    experts = sorted({n.split(".experts.")[0] for n in state if ".experts." in n})
+    for layer in experts:
+        count = 1 + max(int(n.split(".experts.")[1].split(".")[0]) for n in state if n.startswith(layer + ".experts."))
+        per_expert = [{k: state.pop(f"{layer}.experts.{e}.{k}.weight") for k in ("gate_proj", "up_proj", "down_proj")}
+                      for e in range(count)]  # fmt: skip
+        state[layer + ".experts.gate_up_proj"] = torch.stack(
+            [torch.cat([m["gate_proj"], m["up_proj"]]) for m in per_expert]
+        )
+        state[layer + ".experts.down_proj"] = torch.stack([m["down_proj"] for m in per_expert])
+    return state
+
+
+@pytest.mark.parametrize("fmt", ["fp8", "int4"])
+def test_published_checkpoint_loads_as_stored_and_matches_the_librarys_dequantization(compressed, fmt):
+    path = compressed[fmt]
+    net, ckpt = load_network(str(path))  # weights "auto": the checkpoint's own format
+    kind = Fp8Weight if fmt == "fp8" else Int4Weight
+    assert all(isinstance(getattr(lw, f), kind) for lw in net.w.layers for f in QUANTIZED_FIELDS)
+    if fmt == "int4":
+        assert net.w.layers[0].expert_gate_up.group == 16  # the checkpoint's group size, read from its config
+    reference = from_state_dict(ckpt.config, library_dequantized(path), dtype=torch.float32)
+    prompt = [2, 5, 9, 17, 33, 4, 8]
+    ours, theirs = denoise_logits(net, prompt), denoise_logits(reference, prompt)
+    print(f"{fmt}: max logit difference to the library's dequantization {float((ours - theirs).abs().max()):.2e}")
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+
+
+def test_a_quantized_checkpoint_is_not_served_in_another_format(compressed):
+    from model.checkpoint import CheckpointError
+
+    with pytest.raises(CheckpointError, match="holds fp8 weights; it cannot be served as 'int4'"):
+        load_network(str(compressed["fp8"]), weights="int4")
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        ({"format": "nvfp4-pack-quantized"}, "nvfp4-pack-quantized.*not supported"),
+        ({"weights": {"num_bits": 4, "type": "int", "strategy": "group", "group_size": 16, "symmetric": False}},
+         "symmetric groups only"),
+        ({"input_activations": {"num_bits": 8, "type": "float", "strategy": "tensor", "dynamic": False}},
+         "static activation scales"),
+    ],
+)  # fmt: skip
+def test_unsupported_compressed_schemes_are_refused_by_name(compressed, tmp_path, edit, message):
+    import json
+    import shutil
+
+    from model.checkpoint import CheckpointError
+
+    path = tmp_path / "edited"
+    shutil.copytree(compressed["int4"], path)
+    config = json.loads((path / "config.json").read_text())
+    config["quantization_config"]["config_groups"]["group_0"].update(edit)
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=message):
+        load_network(str(path))
