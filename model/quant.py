@@ -27,6 +27,8 @@ import torch.nn.functional as F
 
 WeightFormat = Literal["dense", "fp8", "int4"]
 WEIGHT_FORMATS: tuple[str, ...] = ("dense", "fp8", "int4")
+# F.grouped_mm is the public name from torch 2.10; torch._grouped_mm is the same operator in earlier releases
+grouped_mm = getattr(F, "grouped_mm", None) or torch._grouped_mm
 FP8 = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8).max)  # 448
 INT4_GROUP = 128
@@ -62,9 +64,12 @@ class Fp8Weight:
         """x [..., in] @ W.T -> [..., out] in the compute dtype."""
         if self.scaled_mm:
             flat = x.reshape(-1, x.shape[-1])
+            rows = flat.shape[0]
+            if rows % 16:  # FP8 GEMMs take row counts in multiples of 16 (a prompt's tokens need not be)
+                flat = F.pad(flat, (0, 0, 0, 16 - rows % 16))
             q, s = quantize_rows_fp8(flat)
-            y = torch._scaled_mm(q, self.data.T, scale_a=s, scale_b=self.scale.T, out_dtype=self.dtype)
-            return y.view(*x.shape[:-1], -1)
+            y = torch._scaled_mm(q, self.data.T, scale_a=s, scale_b=self.scale.T.contiguous(), out_dtype=self.dtype)
+            return y[:rows].view(*x.shape[:-1], -1)
         return self._scale_out(x.to(self.dtype) @ self.data.to(self.dtype).T, self.scale)
 
     def expert_linear(self, x: torch.Tensor, e: int) -> torch.Tensor:
@@ -142,8 +147,8 @@ def sliced_grouped_mm(
     per_channel = experts * cols * torch.finfo(dtype).bits // 8
     step = max(1, min(out, DEQUANT_SLICE_BYTES // per_channel))
     if step >= out:
-        return F.grouped_mm(x, dequantize(0, out).transpose(1, 2), offs=offs)
-    parts = [F.grouped_mm(x, dequantize(a, min(out, a + step)).transpose(1, 2), offs=offs) for a in range(0, out, step)]
+        return grouped_mm(x, dequantize(0, out).transpose(1, 2), offs=offs)
+    parts = [grouped_mm(x, dequantize(a, min(out, a + step)).transpose(1, 2), offs=offs) for a in range(0, out, step)]
     return torch.cat(parts, dim=-1)
 
 
@@ -161,7 +166,7 @@ def expert_linear(x: torch.Tensor, w: Weight, e: int) -> torch.Tensor:
 
 def grouped_linear(x: torch.Tensor, w: Weight, offs: torch.Tensor) -> torch.Tensor:
     if isinstance(w, torch.Tensor):
-        return F.grouped_mm(x, w.transpose(1, 2), offs=offs)
+        return grouped_mm(x, w.transpose(1, 2), offs=offs)
     return w.grouped_linear(x, offs)
 
 

@@ -318,13 +318,17 @@ def random_network(
     gen = None if meta else torch.Generator(device=device).manual_seed(seed)
     compute = compute_dtype(device, dtype, compute_mode)
 
-    def normal(*shape: int) -> torch.Tensor:
-        return (torch.randn(shape, generator=gen, device=device, dtype=dtype) * 0.02).to(compute).contiguous()
+    # Every format draws the same values in the same order (the dense-MLP and router rows as one matrix), so the
+    # networks of one seed differ by their quantization alone.
+    def values(*shape: int) -> torch.Tensor:
+        return torch.randn(shape, generator=gen, device=device, dtype=dtype) * 0.02
 
-    def matrix(*shape: int):
-        if weights == "dense":
-            return normal(*shape)
-        return quantize(torch.randn(shape, generator=gen, device=device, dtype=dtype) * 0.02, weights, compute)
+    def normal(*shape: int) -> torch.Tensor:
+        return values(*shape).to(compute).contiguous()
+
+    def matrix(*shape: int, t: torch.Tensor | None = None):
+        t = values(*shape) if t is None else t
+        return t.to(compute).contiguous() if weights == "dense" else quantize(t, weights, compute)
 
     def ones(n: int) -> torch.Tensor:
         return torch.ones(n, device=device)
@@ -334,6 +338,7 @@ def random_network(
     for i in range(c.num_layers):
         hd, kvh, heads = c.head_dims[i], c.kv_heads[i], c.num_attention_heads
         kv_out = kvh * hd * (2 if c.is_sliding(i) else 1)
+        ffn = values(2 * inter + e, h)  # [gate | up | router] rows
         layers.append(
             LayerWeights(
                 qkv=matrix(heads * hd + kv_out, h),
@@ -341,8 +346,8 @@ def random_network(
                 k_norm=ones(hd),
                 o=matrix(h, heads * hd),
                 post_attn_norm=ones(h),
-                ffn_in=normal(2 * inter + e, h) if weights == "dense" else matrix(2 * inter, h),
-                router=None if weights == "dense" else normal(e, h),
+                ffn_in=matrix(t=ffn) if weights == "dense" else matrix(t=ffn[: 2 * inter]),
+                router=None if weights == "dense" else ffn[2 * inter :].to(compute).clone(),  # not a view of ffn
                 down=matrix(h, inter),
                 post_ff1=ones(h),
                 post_ff2=ones(h),

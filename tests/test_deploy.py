@@ -28,7 +28,7 @@ def load(name: str) -> dict:
     return yaml.safe_load((DEPLOY / name).read_text())
 
 
-@pytest.mark.parametrize("name", ["config.yaml", "gpu.yaml"])
+@pytest.mark.parametrize("name", ["config.yaml", "gpu.yaml", "gpu-24gb.yaml"])
 def test_serve_configs_validate(name):
     cfg = load(name)
     ServeDeploySchema(**cfg)
@@ -51,9 +51,10 @@ def test_cpu_tiers_sample_with_the_embedded_checkpoints_entropy_bound():
     assert {t.sampler.entropy_bound for t in tiers.values()} == {ckpt.generation.sampler.entropy_bound}
 
 
-def test_gpu_pools_take_one_gpu_per_replica():
-    pools = AppConfig(**load("gpu.yaml")["applications"][0]["args"]).pools
-    assert all(p.num_gpus == 1 and p.device == "cuda" for p in pools.values())
+@pytest.mark.parametrize("name, weights", [("gpu.yaml", "fp8"), ("gpu-24gb.yaml", "int4")])
+def test_gpu_pools_take_one_gpu_per_replica(name, weights):
+    pools = AppConfig(**load(name)["applications"][0]["args"]).pools
+    assert all(p.num_gpus == 1 and p.device == "cuda" and p.weights == weights for p in pools.values())
 
 
 def test_rayservice_carries_the_gpu_config():
