@@ -25,6 +25,7 @@ from functools import partial
 
 import torch
 
+from loadtest.bench_denoiser import sync, timed
 from model.config import SamplerSettings, TextConfig
 from model.denoiser import Denoiser, Request
 from model.kv_cache import KVCache
@@ -33,19 +34,6 @@ from model.presets import PRESETS
 from model.weights import random_network
 
 GB = 1e9
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed(fn, device: torch.device) -> float:
-    sync(device)
-    t0 = time.perf_counter()
-    fn()
-    sync(device)
-    return time.perf_counter() - t0
 
 
 def gb(n: int) -> float:
