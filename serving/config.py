@@ -119,6 +119,21 @@ class Pool(Strict):
         return self
 
 
+class Auth(Strict):
+    """API keys (serving/auth.py): where they are, never the keys themselves, and per-key limits."""
+
+    keys_env: str | None = None  # an environment variable holding the keys, one per line (`id:key` or `key`)
+    keys_file: str | None = None  # or a file holding them
+    max_concurrent: int | None = Field(None, ge=1)  # requests in flight per key (per router replica)
+    tokens_per_minute: int | None = Field(None, ge=1)  # prompt + generated tokens per key (per router replica)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> Auth:
+        if (self.keys_env is None) == (self.keys_file is None):
+            raise ValueError("auth: give exactly one of keys_env or keys_file (keys are never written in the config)")
+        return self
+
+
 class AppConfig(Strict):
     model: str = "embedded"  # "embedded" (the shipped checkpoint), a checkpoint folder or a hub id
     default_tier: str = "balanced"
@@ -126,6 +141,8 @@ class AppConfig(Strict):
     pools: dict[str, Pool]
     max_prompt_tokens: int = Field(1024, ge=1)
     max_new_tokens: int | None = Field(None, ge=1)  # default length cap; None: the checkpoint's
+    auth: Auth | None = None  # None: no keys asked for
+    max_body_bytes: int = Field(1 << 20, ge=1024)  # larger HTTP bodies get 413 before they are read whole
 
     @model_validator(mode="after")
     def _consistent(self) -> AppConfig:

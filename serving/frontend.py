@@ -30,6 +30,7 @@ from prometheus_client import CollectorRegistry
 
 from model.chat import chat_ids, prompt_ids, text_ids
 from model.checkpoint import read_checkpoint
+from serving.auth import Grant, KeyGate, KeyLimited, Unauthenticated
 from serving.config import AppConfig
 from serving.metrics import frontend_metrics
 from serving.request import (
@@ -183,6 +184,20 @@ class Frontend:
         self.model_id = "diffusiongemma-embedded" if config.model == "embedded" else config.model
         self.max_new_default = config.max_new_tokens or ckpt.generation.max_new_tokens
         self.metrics = frontend_metrics(registry)
+        self.gate = KeyGate(config.auth) if config.auth is not None else None
+
+    # ---------------------------------------------------------------- callers
+
+    def authenticate(self, authorization: str | None, protocol: str) -> str | None:
+        """The caller's key id from its `Bearer` authorization (None when no keys are configured); raises
+        Unauthenticated otherwise."""
+        if self.gate is None:
+            return None
+        try:
+            return self.gate.identify(authorization)
+        except Unauthenticated:
+            self.metrics.refusals.labels(protocol, "unauthenticated").inc()
+            raise
 
     # ---------------------------------------------------------------- prompts
 
@@ -210,20 +225,26 @@ class Frontend:
         stream_drafts: bool = False,
         request_id: str | None = None,
         protocol: str = "http",
+        key_id: str | None = None,
     ) -> Opened:
         """Send the request to a replica of its tier's pool and wait until it is accepted (slot or queue
-        place). Refusals raise here, before any reply is started; `protocol` labels the metrics."""
+        place). Refusals raise here, before any reply is started; `protocol` labels the metrics; `key_id` (from
+        `authenticate`) is charged against its key's limits."""
         started = time.perf_counter()
         name = controls.tier or header_tier or self.config.default_tier
         try:
-            return await self._open(ids, controls, name, max_new_tokens, stream_drafts, request_id, protocol, started)
+            return await self._open(
+                ids, controls, name, max_new_tokens, stream_drafts, request_id, protocol, started, key_id
+            )
         except (InvalidRequest, Overloaded, Unavailable) as exc:
-            self._refused(name, protocol, exc)
+            self._refused(name, protocol, exc, key_id)
             raise
 
-    def _refused(self, tier: str, protocol: str, exc: Exception) -> None:
+    def _refused(self, tier: str, protocol: str, exc: Exception, key_id: str | None) -> None:
         if isinstance(exc, InvalidRequest):
             outcome, reason = "invalid", exc.field
+        elif isinstance(exc, KeyLimited):
+            outcome, reason = "overloaded", "key_limit"
         elif isinstance(exc, Overloaded):
             outcome, reason = "overloaded", "queue_full"
         else:
@@ -231,6 +252,8 @@ class Frontend:
         label = tier if tier in self.config.tiers else "unknown"  # a client's string is no metric label
         self.metrics.requests.labels(label, protocol, outcome).inc()
         self.metrics.refusals.labels(protocol, reason).inc()
+        if key_id is not None:
+            self.metrics.key_requests.labels(key_id, outcome).inc()
 
     async def _open(
         self,
@@ -242,6 +265,7 @@ class Frontend:
         request_id: str | None,
         protocol: str,
         started: float,
+        key_id: str | None,
     ) -> Opened:
         tier = self.config.tiers.get(name)
         if tier is None:
@@ -262,26 +286,33 @@ class Frontend:
             stream_drafts=stream_drafts,
             request_id=request_id,
         )
+        grant = None if key_id is None else self.gate.admit(key_id, len(ids) + payload["max_new_tokens"])
         events = self.pools[tier.pool].generate(payload)
         try:
             first = await anext(events)
         except Exception as exc:  # no replica, or one that died before answering
             await events.aclose()
+            if grant is not None:
+                grant.release()
             raise Unavailable(f"pool {tier.pool!r} did not take the request: {exc}") from exc
         if not isinstance(first, Accepted):
             await events.aclose()
+            if grant is not None:
+                grant.release()
             if isinstance(first, Refusal):
                 raise first.error()
             raise Unavailable(f"pool {tier.pool!r} answered {type(first).__name__} instead of accepting")
-        return Opened(request_id, name, len(ids), self._chunks(events, name, protocol, started))
+        return Opened(request_id, name, len(ids), self._chunks(events, name, protocol, started, grant))
 
     async def _chunks(
-        self, events: AsyncIterator[Any], tier: str, protocol: str, started: float
+        self, events: AsyncIterator[Any], tier: str, protocol: str, started: float, grant: Grant | None = None
     ) -> AsyncIterator[Chunk]:
         """The engine's events as text, once for every protocol. Closing this (a client that went away)
-        closes the replica's stream, which cancels the request in its engine."""
+        closes the replica's stream, which cancels the request in its engine. A key's grant is given back
+        when the stream ends, with the tokens the request used."""
         detok = Detokenizer(self.tokenizer)
         m, outcome, first = self.metrics, "cancelled", True  # cancelled: closed before its end (client gone)
+        used = None
         try:
             async for e in events:
                 if isinstance(e, CanvasEvent):
@@ -294,8 +325,14 @@ class Frontend:
                     yield DraftChunk(e.canvas_index, e.step, text, e.tokens)
                 elif isinstance(e, FinalEvent):
                     outcome = None  # counted now: a caller may stop reading at the final chunk
-                    m.requests.labels(tier, protocol, "cancelled" if e.finish_reason == "cancelled" else "ok").inc()
+                    done = "cancelled" if e.finish_reason == "cancelled" else "ok"
+                    m.requests.labels(tier, protocol, done).inc()
                     m.latency.labels(tier, protocol).observe(time.perf_counter() - started)
+                    used = e.usage.prompt_tokens + e.usage.generated_tokens
+                    if grant is not None:
+                        grant.release(used)
+                        m.key_requests.labels(grant.key_id, done).inc()
+                        m.key_tokens.labels(grant.key_id).inc(used)
                     yield DoneChunk(e.finish_reason, e.usage)
                     return
                 elif isinstance(e, ErrorEvent):
@@ -310,6 +347,10 @@ class Frontend:
         finally:
             if outcome is not None:
                 m.requests.labels(tier, protocol, outcome).inc()
+                if grant is not None:
+                    m.key_requests.labels(grant.key_id, outcome).inc()
+            if grant is not None:
+                grant.release(used)  # a no-op after the final event; else the whole reservation comes back
             await events.aclose()
         raise EngineFailure("the stream ended without a final event")
 

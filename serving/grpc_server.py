@@ -3,7 +3,7 @@
 `DiffusionServicer(frontend)` serves a plain `grpc.aio` server as it is (tests run it so) and, through the
 ingress, Serve's gRPC proxy (serving/ingress.py). Serve turns any exception into INTERNAL, so errors are set
 on the context (code, details, trailers) and an empty message returned. `x-tier` and `x-request-id` may come
-as metadata.
+as metadata, and `authorization: Bearer <key>` where the app asks for API keys (serving/auth.py).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from grpc_health.v1 import health_pb2
 from pydantic import ValidationError
 
 from protos.diffusiongemma.v1 import diffusion_pb2 as pb
+from serving.auth import Unauthenticated
 from serving.frontend import (
     CanvasChunk,
     Controls,
@@ -58,6 +59,8 @@ def set_error(context: Any, exc: Exception) -> None:
         context.set_trailing_metadata([("retry-after-s", str(round(exc.retry_after_s, 1)))])
     elif isinstance(exc, Unavailable):
         context.set_code(grpc.StatusCode.UNAVAILABLE)
+    elif isinstance(exc, Unauthenticated):
+        context.set_code(grpc.StatusCode.UNAUTHENTICATED)
     else:  # EngineFailure: the request failed after it was accepted
         context.set_code(grpc.StatusCode.INTERNAL)
     context.set_details(str(exc))
@@ -68,6 +71,8 @@ class DiffusionServicer:
         self.frontend = frontend
 
     async def _open(self, req: pb.GenerateRequest, context: Any) -> Opened:
+        metadata = dict(context.invocation_metadata() or ()) if context is not None else {}
+        key_id = self.frontend.authenticate(metadata.get("authorization"), "grpc")  # before reading anything else
         kind = req.WhichOneof("input")
         if kind == "text":
             ids = self.frontend.user_prompt(req.text)
@@ -79,7 +84,6 @@ class DiffusionServicer:
             raise InvalidRequest("input", "one of text, raw_prompt or token_ids is required")
         if req.max_new_tokens < 0:
             raise InvalidRequest("max_new_tokens", "must be >= 0 (0: the model's default)")
-        metadata = dict(context.invocation_metadata() or ()) if context is not None else {}
         return await self.frontend.open(
             ids,
             controls(req),
@@ -88,6 +92,7 @@ class DiffusionServicer:
             stream_drafts=req.stream_drafts,
             request_id=metadata.get("x-request-id"),
             protocol="grpc",
+            key_id=key_id,
         )
 
     async def Generate(self, req: pb.GenerateRequest, context: Any = None) -> pb.GenerateResponse:

@@ -19,9 +19,10 @@ from dataclasses import asdict
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from starlette.datastructures import MutableHeaders
+from starlette.datastructures import Headers, MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from serving.auth import Unauthenticated
 from serving.frontend import (
     Answer,
     CanvasChunk,
@@ -36,7 +37,13 @@ from serving.frontend import (
 from serving.protocol import ChatBody, CompletionBody, Diffusion, GenerateBody, OpenAIOptions
 from serving.request import InvalidRequest, Overloaded, Usage
 
-_ERROR_TYPES = {400: "invalid_request_error", 429: "rate_limit_error", 503: "service_unavailable"}
+_ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    503: "service_unavailable",
+}
 OPENAI_FINISH = {"eos": "stop"}  # the engine's "length" and "cancelled" keep their names
 
 
@@ -62,10 +69,62 @@ class RequestIds:
         await self.app(scope, receive, send_with_id)
 
 
+class Gate:
+    """Before any route reads a body: an API key for every /v1/ route where the app asks for keys (401 with
+    `WWW-Authenticate: Bearer` otherwise; the key id goes to the route in `request.state.key_id`), and a body
+    size limit (413), read at most that far. /health, /ready and the API documents stay open."""
+
+    def __init__(self, app: ASGIApp, frontend: Frontend, max_body_bytes: int):
+        self.app = app
+        self.frontend = frontend
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
+            return await self.app(scope, receive, send)
+        headers = Headers(scope=scope)
+        try:
+            key_id = self.frontend.authenticate(headers.get("authorization"), "http")
+        except Unauthenticated as exc:
+            reply = error_response(401, str(exc), "authorization", headers={"WWW-Authenticate": "Bearer"})
+            return await reply(scope, receive, send)
+        scope.setdefault("state", {})["key_id"] = key_id
+        too_large = error_response(413, f"the request body is over {self.max_body_bytes} bytes", "body")
+        declared = headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
+            return await too_large(scope, receive, send)
+        body, more = b"", True
+        while more:  # the body, whole, up to the limit (bodies here are prompts: kilobytes)
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+            if len(body) > self.max_body_bytes:
+                self.frontend.metrics.refusals.labels("http", "body_too_large").inc()
+                return await too_large(scope, receive, send)
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()  # after the body: the client's disconnect, when it comes
+
+        await self.app(scope, replay, send)
+
+
 def error_response(
-    status: int, message: str, param: str | None = None, retry_after: float | None = None
+    status: int,
+    message: str,
+    param: str | None = None,
+    retry_after: float | None = None,
+    headers: dict[str, str] | None = None,
 ) -> JSONResponse:
-    headers = {"Retry-After": str(max(1, round(retry_after)))} if retry_after is not None else None
+    headers = dict(headers or {})
+    if retry_after is not None:
+        headers["Retry-After"] = str(max(1, round(retry_after)))
     kind = _ERROR_TYPES.get(status, "server_error")
     body = {"error": {"message": message, "type": kind, "param": param, "code": status}}
     return JSONResponse(body, status_code=status, headers=headers)
@@ -99,8 +158,9 @@ def openai_usage(u: Usage, tier: str) -> dict:
 def http_app(frontend: Frontend, assign_request_ids: bool = True) -> FastAPI:
     """assign_request_ids: False under Serve, whose proxy already gives requests their ids and echoes them."""
     app = FastAPI(title="diffusiongemma-serve")
+    app.add_middleware(Gate, frontend=frontend, max_body_bytes=frontend.config.max_body_bytes)
     if assign_request_ids:
-        app.add_middleware(RequestIds)
+        app.add_middleware(RequestIds)  # added last: outermost, so refusals by the gate carry an id too
 
     @app.exception_handler(RequestValidationError)
     async def _bad_body(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -125,6 +185,7 @@ def http_app(frontend: Frontend, assign_request_ids: bool = True) -> FastAPI:
                 stream_drafts=stream_drafts,
                 request_id=request.headers.get("x-request-id"),
                 protocol="http",
+                key_id=getattr(request.state, "key_id", None),
             )
         except InvalidRequest as exc:
             return error_response(400, str(exc), exc.field)

@@ -167,6 +167,12 @@ class FrontendMetrics:
         _LATENCY,
     )  # fmt: skip
     refusals: Any = Spec("counter", "dgs_frontend_refusals", "Refused requests by reason", ("protocol", "reason"))
+    key_requests: Any = Spec(
+        "counter", "dgs_frontend_key_requests", "Requests by API key id and outcome", ("key_id", "outcome")
+    )
+    key_tokens: Any = Spec(
+        "counter", "dgs_frontend_key_tokens", "Prompt and generated tokens by API key id", ("key_id",)
+    )
 
 
 def engine_metrics(registry: CollectorRegistry | None = None) -> EngineMetrics:

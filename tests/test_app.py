@@ -277,3 +277,33 @@ def test_overload_gets_429_and_disconnects_free_their_slots(app):
             pb.GenerateRequest(text="reverse: a b c", tier="fast", seed=0), timeout=60
         )
         assert reply.text.split() == ["c", "b", "a"]
+
+
+# ---------------------------------------------------------------- API keys through Serve's proxies
+
+
+def test_api_keys_through_serves_http_and_grpc_proxies(served, tmp_path):
+    """The `authorization` header and metadata reach the router through Serve's proxies; probes stay open."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    key = "sk-serve-test-0123456789"
+    (tmp_path / "keys").write_text(f"tests:{key}\n")
+    config = shipped_config()
+    config["applications"][0]["args"]["auth"] = {"keys_file": str(tmp_path / "keys")}
+    app = served.get(config)
+    chat = {"messages": [{"role": "user", "content": "reverse: a b c"}], "tier": "fast", "seed": 0}
+    assert httpx.post(f"{app.http}/v1/chat/completions", json=chat, timeout=60).status_code == 401
+    bearer = {"Authorization": f"Bearer {key}"}
+    ok = httpx.post(f"{app.http}/v1/chat/completions", json=chat, headers=bearer, timeout=60)
+    assert ok.status_code == 200 and ok.json()["choices"][0]["message"]["content"].split() == ["c", "b", "a"]
+    assert httpx.get(f"{app.http}/health", timeout=30).status_code == 200
+    with grpc.insecure_channel(app.grpc_target) as channel:
+        stub = pb_grpc.DiffusionServiceStub(channel)
+        req = pb.GenerateRequest(text="reverse: a b c", tier="fast", seed=0)
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Generate(req, timeout=60)
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        reply = stub.Generate(req, metadata=(("authorization", f"Bearer {key}"),), timeout=60)
+        assert reply.text.split() == ["c", "b", "a"]
+        health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=30)
+        assert health.status == health_pb2.HealthCheckResponse.SERVING

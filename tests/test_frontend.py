@@ -41,6 +41,7 @@ class RecordingPool(LocalPool):
         super().__init__(server)
         self.payloads: list[dict] = []
         self.fault = fault
+        self.release = asyncio.Event()  # fault "hold": final events wait for this
 
     async def generate(self, payload: dict) -> AsyncIterator[Any]:
         self.payloads.append(payload)
@@ -49,12 +50,15 @@ class RecordingPool(LocalPool):
         async for item in self.server.generate(payload):
             if self.fault == "no-final" and isinstance(item, FinalEvent):
                 return
+            if self.fault == "hold" and isinstance(item, FinalEvent):
+                await self.release.wait()
             yield item
 
 
 @asynccontextmanager
-async def service(fault: str | None = None, registry: CollectorRegistry | None = None):
-    config = AppConfig(**ARGS)
+async def service(fault: str | None = None, registry: CollectorRegistry | None = None, **args: Any):
+    """The ingress in-process over deploy/config.yaml's app args, with `args` replacing some of them."""
+    config = AppConfig(**(ARGS | args))
     (pool_name, pool), *_ = config.pools.items()
     server = await local_replica(config.model, pool.model_dump(), pool_name)
     recording = RecordingPool(server, fault)
