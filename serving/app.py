@@ -33,7 +33,13 @@ def build(args: dict) -> Application:
         actor = {"num_cpus": pool.num_cpus, "num_gpus": pool.num_gpus}
         if pool.threads:
             actor["runtime_env"] = {"env_vars": {"OMP_NUM_THREADS": str(pool.threads)}}
-        options = dict(name=f"Denoiser-{name}", ray_actor_options=actor)
+        options = dict(
+            name=f"Denoiser-{name}",
+            ray_actor_options=actor,
+            health_check_period_s=pool.health_check_period_s,
+            health_check_timeout_s=pool.health_check_timeout_s,
+            graceful_shutdown_timeout_s=pool.graceful_shutdown_timeout_s,
+        )
         if pool.autoscaling is not None:
             options["autoscaling_config"] = pool.autoscaling.serve_config()
         else:
@@ -42,4 +48,7 @@ def build(args: dict) -> Application:
             options["request_router_config"] = routing
         pools[name] = denoiser.options(**options).bind(config.model, pool.model_dump(), name)
     ingress = serve.deployment(serve.ingress()(Ingress), name="Ingress", max_ongoing_requests=MAX_ONGOING)
-    return ingress.options(ray_actor_options={"num_cpus": 0}).bind(config.model_dump(), pools)
+    # the router relays the pools' streams: it drains at least as long as the longest pool
+    drain = max(p.graceful_shutdown_timeout_s for p in config.pools.values())
+    options = dict(ray_actor_options={"num_cpus": 0}, graceful_shutdown_timeout_s=drain)
+    return ingress.options(**options).bind(config.model_dump(), pools)

@@ -111,6 +111,12 @@ class Pool(Strict):
     # horizon) or power_of_two (Serve's default: the shorter of two replicas' request queues)
     router: Literal["step_aware", "power_of_two"] = "step_aware"
     autoscaling: Autoscaling | None = None  # instead of a fixed `replicas`
+    # Serve's replica health check (DenoiserServer.check_health: the engine loop is alive) and drain: a replica
+    # being stopped (scale-down, redeploy, shutdown) takes no new requests and has this long to finish the ones
+    # it holds before it is killed; the longest answers a pool serves should fit in it.
+    health_check_period_s: float = Field(10.0, gt=0)
+    health_check_timeout_s: float = Field(30.0, gt=0)
+    graceful_shutdown_timeout_s: float = Field(60.0, ge=0)
 
     @model_validator(mode="after")
     def _replicas_or_autoscaling(self) -> Pool:
