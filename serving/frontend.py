@@ -269,7 +269,8 @@ class Frontend:
     ) -> Opened:
         tier = self.config.tiers.get(name)
         if tier is None:
-            raise InvalidRequest("tier", f"unknown tier {name!r}; tiers: {sorted(self.config.tiers)}")
+            shown = name if len(name) <= 64 else name[:64] + "..."  # a client's string, not echoed whole
+            raise InvalidRequest("tier", f"unknown tier {shown!r}; tiers: {sorted(self.config.tiers)}")
         if len(ids) > self.config.max_prompt_tokens:
             raise InvalidRequest("prompt", f"{len(ids)} tokens; the limit is {self.config.max_prompt_tokens}")
         if request_id is None:

@@ -20,6 +20,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.datastructures import Headers, MutableHeaders
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from serving.auth import Unauthenticated
@@ -40,6 +41,8 @@ from serving.request import InvalidRequest, Overloaded, Usage
 _ERROR_TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
     413: "request_too_large",
     429: "rate_limit_error",
     503: "service_unavailable",
@@ -161,6 +164,12 @@ def http_app(frontend: Frontend, assign_request_ids: bool = True) -> FastAPI:
     app.add_middleware(Gate, frontend=frontend, max_body_bytes=frontend.config.max_body_bytes)
     if assign_request_ids:
         app.add_middleware(RequestIds)  # added last: outermost, so refusals by the gate carry an id too
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        """Starlette's own refusals (a body that is not JSON or not UTF-8, an unknown route or method) in the
+        same error format as ours."""
+        return error_response(exc.status_code, str(exc.detail), "body" if exc.status_code == 400 else None)
 
     @app.exception_handler(RequestValidationError)
     async def _bad_body(request: Request, exc: RequestValidationError) -> JSONResponse:
