@@ -14,6 +14,7 @@ changes a request's phase itself.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -35,6 +36,8 @@ from serving.request import (
 )
 from serving.runner import ModelRunner
 from serving.scheduler import Committed, Drafted, Failed, Finished, Job, Load, Outcome, Phase, Report, Scheduler
+
+log = logging.getLogger("ray.serve")
 
 
 @dataclass
@@ -223,9 +226,22 @@ class Engine:
                 outcome = Outcome(failed={j.id: exc for j in plan.jobs()})
             finally:
                 self._busy_since = None
+            if outcome.out_of_memory_rows is not None:
+                self._lower_rows(outcome.out_of_memory_rows)
             self._report(self.scheduler.apply(plan, outcome))
             self._count(len(plan.denoise), time.monotonic() - began)
             await asyncio.sleep(0)  # let submissions and cancels in between iterations
+
+    def _lower_rows(self, failed_at: int) -> None:
+        """A forward of `failed_at` rows ran out of device memory: take at most half as many from now on."""
+        rows = max(1, min(self.scheduler.max_batch_rows, failed_at // 2))
+        if rows < self.scheduler.max_batch_rows:
+            log.warning(
+                "engine %s: out of device memory at %d rows in one forward; rows per forward lowered from %d to %d",
+                self.name, failed_at, self.scheduler.max_batch_rows, rows,
+            )  # fmt: skip
+            self.scheduler.max_batch_rows = rows
+            self.metrics.out_of_memory.labels(self.name).inc()
 
     def _report(self, reports: list[Report]) -> None:
         m = self.metrics

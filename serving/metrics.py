@@ -140,6 +140,9 @@ class EngineMetrics:
     requests: Any = Spec("counter", "dgs_requests", "Requests by outcome", ("engine", "outcome"))
     generated_tokens: Any = Spec("counter", "dgs_generated_tokens", "Tokens committed to answers", ("engine",))
     busy: Any = Spec("counter", "dgs_busy_seconds", "Time the engine loop spent in iterations", ("engine",))
+    out_of_memory: Any = Spec(
+        "counter", "dgs_out_of_memory", "Forwards out of device memory (rows per forward lowered)", ("engine",)
+    )
 
 
 @dataclass

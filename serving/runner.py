@@ -5,7 +5,10 @@ one denoising step for every stepping row, whatever step or canvas each is at an
 
 Failure isolation: if a batched forward raises, its rows are retried one at a time and only the rows that
 fail alone are reported failed (a step changes no state until it has succeeded, and an encode is idempotent
-until the cache length moves), so one bad request cannot take the others down.
+until the cache length moves), so one bad request cannot take the others down. A forward that runs out of
+device memory is split in halves instead, recursively, so every row still runs (a single row that does not fit
+fails alone); the outcome says at how many rows it ran out, and the engine takes fewer rows per forward from
+then on.
 
 Row buckets: with `row_buckets`, every denoising forward is padded up to the next listed row count with a
 scratch slot (the denoiser's last, then not given to requests), so one compiled graph per bucket is reused.
@@ -102,6 +105,15 @@ class ModelRunner:
             return []
         try:
             return fn(jobs)
+        except torch.OutOfMemoryError as oom:
+            if len(jobs) == 1:
+                out.failed[jobs[0].id] = oom
+                return [None]
+            out.out_of_memory_rows = min(len(jobs), out.out_of_memory_rows or len(jobs))
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()  # what the failed forward held goes back before the halves run
+            half = len(jobs) // 2
+            return self._isolated(jobs[:half], fn, out) + self._isolated(jobs[half:], fn, out)
         except Exception as batch_exc:
             if len(jobs) == 1:
                 out.failed[jobs[0].id] = batch_exc

@@ -123,6 +123,9 @@ class StepOutcome:
 class Outcome:
     stepped: dict[str, StepOutcome] = field(default_factory=dict)
     failed: dict[str, BaseException] = field(default_factory=dict)
+    # the fewest rows a forward ran out of device memory at (the runner split it and went on): the engine
+    # lowers its rows per forward below that, so it does not recur
+    out_of_memory_rows: int | None = None
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ import asyncio
 import time
 
 import pytest
+import torch
 from prometheus_client import CollectorRegistry
 
 from model.config import SamplerSettings
@@ -214,6 +215,43 @@ def test_an_exception_in_one_request_fails_only_that_request(net):
     for i in (0, 2):
         assert results[i][0] == expected[i].tokens and isinstance(results[i][2], FinalEvent)
     assert after[0] == expected[1].tokens
+
+
+class SmallDevice(Denoiser):
+    """A device with room for at most `fits` rows in one denoising forward: more raise out of memory, as a GPU's
+    caching allocator does."""
+
+    fits = 2
+    largest: list[int] = []
+
+    def step(self, slots):
+        if len(slots) > self.fits:
+            raise torch.OutOfMemoryError(f"CUDA out of memory (simulated: {len(slots)} rows)")
+        self.largest.append(len(slots))
+        return super().step(slots)
+
+
+def test_out_of_memory_splits_the_batch_and_lowers_rows_per_forward(net):
+    """Every request still finishes with its own tokens; the engine takes at most half the failing rows after."""
+    reqs = requests(net)[:4]
+    expected = [alone(net, r) for r in reqs]
+    registry = CollectorRegistry()
+
+    async def main():
+        d = SmallDevice(net, slots=4, max_context=CONTEXT, eos_token_ids=())
+        d.largest = []
+        engine = Engine(d, registry=registry)
+        engine.start()
+        results = await asyncio.gather(*(collect(engine.submit(r)) for r in reqs))
+        rows_after = engine.scheduler.max_batch_rows
+        await engine.stop()
+        return results, rows_after, d.largest
+
+    results, rows_after, largest = run(main())
+    for got, want in zip(results, expected):
+        assert isinstance(got[2], FinalEvent) and got[0] == want.tokens
+    assert rows_after == 2 and max(largest) <= 2
+    assert registry.get_sample_value("dgs_out_of_memory_total", {"engine": "default"}) == 1
 
 
 def test_requests_that_cannot_fit_are_refused_and_a_full_queue_overloads(net):
