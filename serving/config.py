@@ -97,6 +97,8 @@ class Pool(Strict):
     slots: int = Field(16, ge=1)  # requests live at once per replica (KV-cache slots)
     max_context: int = Field(1024, ge=16)  # tokens per slot: prompt plus all canvases but the last
     max_queue: int = Field(64, ge=0)  # waiting requests per replica before 429 / RESOURCE_EXHAUSTED
+    # the most of max_queue one tier may hold where tiers share the pool (the rest stays open to the others)
+    tier_queue_share: float = Field(1.0, gt=0, le=1)
     max_batch_rows: int | None = Field(None, ge=1)
     num_gpus: float = Field(0, ge=0)
     num_cpus: float = Field(1, ge=0)

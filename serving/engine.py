@@ -96,6 +96,7 @@ class Engine:
         max_batch_rows: int | None = None,
         max_queue: int = 64,
         max_prefill_tokens: int = 4096,
+        tier_queue_share: float = 1.0,
         row_buckets: tuple[int, ...] | None = None,
         name: str = "default",
         registry: CollectorRegistry | None = None,  # None: Ray's metrics in a Ray process, else the default
@@ -105,7 +106,8 @@ class Engine:
         self.denoiser = denoiser
         self.runner = ModelRunner(denoiser, row_buckets)
         slots = self.runner.slots
-        self.scheduler = Scheduler(slots, min(max_batch_rows or slots, slots), max_queue, max_prefill_tokens)
+        rows = min(max_batch_rows or slots, slots)
+        self.scheduler = Scheduler(slots, rows, max_queue, max_prefill_tokens, tier_queue_share)
         self.name = name
         self.stuck_after_s = stuck_after_s
         self.metrics = engine_metrics(registry)
@@ -149,9 +151,14 @@ class Engine:
             self.metrics.requests.labels(self.name, "rejected").inc()
             raise
         job = Job(request, self.denoiser.canvas_length)
-        if not self.scheduler.submit(job):
+        refused = self.scheduler.submit(job)
+        if refused is not None:
             self.metrics.requests.labels(self.name, "overloaded").inc()
-            raise Overloaded(f"the queue is full ({self.scheduler.max_queue} requests waiting)", self.retry_after_s())
+            if refused == "tier_share":
+                message = f"tier {request.tier!r} holds its share of the queue ({self.scheduler.tier_places} waiting)"
+            else:
+                message = f"the queue is full ({self.scheduler.max_queue} requests waiting)"
+            raise Overloaded(message, self.retry_after_s())
         self._gauges()
         self._wake.set()
         return RequestStream(self, job)

@@ -286,6 +286,7 @@ class Frontend:
             seed=controls.seed,
             stream_drafts=stream_drafts,
             request_id=request_id,
+            tier=name,
         )
         grant = None if key_id is None else self.gate.admit(key_id, len(ids) + payload["max_new_tokens"])
         events = self.pools[tier.pool].generate(payload)

@@ -56,6 +56,7 @@ class DenoiserServer:
             denoiser,
             max_batch_rows=spec.max_batch_rows,
             max_queue=spec.max_queue,
+            tier_queue_share=spec.tier_queue_share,
             row_buckets=buckets,
             name=pool_name,
         )

@@ -37,6 +37,7 @@ class GenerateRequest:
     seed: int | None = None  # None: a random one (the output is reproducible only with a fixed seed)
     stream_drafts: bool = False  # also emit the argmax canvas after every denoising step
     request_id: str = field(default_factory=lambda: secrets.token_hex(8))
+    tier: str = ""  # the front end's tier: the scheduler shares queue places and slots between tiers
 
     def __post_init__(self) -> None:
         if self.seed is None:

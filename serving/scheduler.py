@@ -27,6 +27,7 @@ Policy:
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -156,24 +157,31 @@ Report = Drafted | Committed | Finished | Failed
 
 
 class Scheduler:
-    def __init__(self, slots: int, max_batch_rows: int, max_queue: int, max_prefill_tokens: int):
+    def __init__(
+        self, slots: int, max_batch_rows: int, max_queue: int, max_prefill_tokens: int, tier_queue_share: float = 1.0
+    ):
         self.free = list(range(slots))[::-1]  # pop() hands out slot 0 first
         self.slots = slots
         self.max_batch_rows = max_batch_rows
         self.max_queue = max_queue
         self.max_prefill_tokens = max_prefill_tokens
+        # Tiers sharing a pool: one tier may hold at most this share of the queue's places (a flood of quality
+        # requests leaves room for fast ones), and free slots go first to the waiting tier that holds the fewest.
+        self.tier_places = max(1, math.ceil(tier_queue_share * max_queue)) if max_queue else 0
         self.queue: deque[Job] = deque()
         self.live: dict[str, Job] = {}
         self.iteration = 0
 
     # ---------------------------------------------------------------- arrivals and cancels
 
-    def submit(self, job: Job) -> bool:
-        """Queue a job; False when the queue is full."""
+    def submit(self, job: Job) -> str | None:
+        """Queue a job; None if queued, else why not ("queue_full" or "tier_share")."""
         if len(self.queue) >= self.max_queue:
-            return False
+            return "queue_full"
+        if sum(j.request.tier == job.request.tier for j in self.queue) >= self.tier_places:
+            return "tier_share"
         self.queue.append(job)
-        return True
+        return None
 
     def find(self, request_id: str) -> Job | None:
         return self.live.get(request_id) or next((j for j in self.queue if j.id == request_id), None)
@@ -211,10 +219,10 @@ class Scheduler:
         budget = self.max_prefill_tokens
         now = time.perf_counter()
         while self.queue and self.free:
-            job = self.queue[0]
+            job = self._next_admission()
             if plan.admit and len(job.request.prompt) > budget:
                 break
-            self.queue.popleft()
+            self.queue.remove(job)
             budget -= len(job.request.prompt)
             job.slot = self.free.pop()
             job.phase = Phase.PREFILL
@@ -226,6 +234,14 @@ class Scheduler:
         stepping.sort(key=lambda j: (j.last_stepped, j.steps_left()))
         plan.denoise = stepping[: self.max_batch_rows]
         return plan
+
+    def _next_admission(self) -> Job:
+        """The oldest waiting job of the tier that holds the fewest live slots (FIFO within a tier; with one
+        tier, plain FIFO)."""
+        holding: dict[str, int] = {}
+        for j in self.live.values():
+            holding[j.request.tier] = holding.get(j.request.tier, 0) + 1
+        return min(self.queue, key=lambda j: holding.get(j.request.tier, 0))  # min keeps the first of equals
 
     def apply(self, plan: Plan, outcome: Outcome) -> list[Report]:
         """Move each planned job on by what its forwards did; return what its client must be told."""

@@ -5,6 +5,7 @@ package on /v1, httpx for the native routes and the errors, the generated gRPC s
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 
 import grpc
@@ -236,7 +237,10 @@ def test_grpc_deadline_cancels_the_work(app):
 
 
 def test_overload_gets_429_and_disconnects_free_their_slots(app):
-    capacity = POOL["slots"] + POOL["max_queue"]
+    """A flood of quality requests fills the slots and the quality tier's share of the queue; more get 429 /
+    RESOURCE_EXHAUSTED, while a fast request still finds a place (the other tiers' share)."""
+    quality_places = math.ceil(POOL["tier_queue_share"] * POOL["max_queue"])
+    capacity = POOL["slots"] + quality_places
 
     async def flood() -> list[int]:
         limits = httpx.Limits(max_connections=capacity + 120)
@@ -252,15 +256,19 @@ def test_overload_gets_429_and_disconnects_free_their_slots(app):
                 refused = next(r for r in responses if r.status_code == 429)
                 assert "Retry-After" in refused.headers
                 load = app.load()
-                assert load["free_slots"] == 0 and load["queue_depth"] == POOL["max_queue"], load
+                assert load["free_slots"] == 0 and load["queue_depth"] == quality_places, load
                 with grpc.insecure_channel(app.grpc_target) as channel:
                     stub = pb_grpc.DiffusionServiceStub(channel)
+                    flooded = pb.GenerateRequest(text="hi", tier="quality")
                     with pytest.raises(grpc.RpcError) as err:
-                        stub.Generate(pb.GenerateRequest(text="hi", tier="fast"), timeout=30)
+                        stub.Generate(flooded, timeout=30)
                     assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
                     with pytest.raises(grpc.RpcError) as err:
-                        list(stub.GenerateStream(pb.GenerateRequest(text="hi", tier="fast"), timeout=30))
+                        list(stub.GenerateStream(flooded, timeout=30))
                     assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                    fast = stub.GenerateStream(pb.GenerateRequest(text="reverse: a b", tier="fast"), timeout=120)
+                    next(fast)  # accepted and given its first canvas while the quality flood holds every slot
+                    fast.cancel()
                 return codes
             finally:  # close every stream mid-flight: the client goes away
                 for fut in streams:

@@ -358,3 +358,40 @@ def test_health_check_fails_when_the_loop_is_stuck_or_dead(net):
         await engine.stop()
 
     asyncio.run(main())
+
+
+def test_a_flood_of_one_tier_leaves_queue_places_and_slots_to_the_others(net):
+    """Tiers sharing a pool: quality may hold at most half the queue, and a freed slot goes to the waiting tier
+    holding the fewest, so fast requests submitted behind a quality flood finish before most of it."""
+    C = net.config.canvas_length
+    slow = SamplerSettings(max_denoising_steps=12, confidence_threshold=None)
+    quick = SamplerSettings(max_denoising_steps=1, confidence_threshold=None)
+
+    async def main():
+        engine = make_engine(net, slots=2, max_queue=8, tier_queue_share=0.5)
+        quality, refused = [], 0  # submitted before the loop starts: everything waits in the queue first
+        for i in range(10):
+            try:
+                quality.append(engine.submit(GenerateRequest([2, 5 + i], 2 * C, slow, seed=i, tier="quality")))
+            except Overloaded as exc:
+                refused += 1
+                assert "holds its share of the queue" in str(exc)
+        fast = [engine.submit(GenerateRequest([2, 9], C, quick, seed=i, tier="fast")) for i in range(3)]
+        engine.start()
+        done_at: dict[str, float] = {}
+
+        async def finish(name: str, stream) -> None:
+            _, _, final = await collect(stream)
+            assert isinstance(final, FinalEvent)
+            done_at[name] = time.perf_counter()
+
+        await asyncio.gather(
+            *(finish(f"q{i}", s) for i, s in enumerate(quality)), *(finish(f"f{i}", s) for i, s in enumerate(fast))
+        )
+        await engine.stop()
+        return refused, len(quality), done_at
+
+    refused, accepted, done_at = run(main())
+    assert accepted == 4 and refused == 6  # 8 places, 4 of them quality's
+    last_fast = max(t for k, t in done_at.items() if k.startswith("f"))
+    assert sum(t > last_fast for k, t in done_at.items() if k.startswith("q")) >= 2  # fast did not wait behind them
