@@ -14,15 +14,19 @@ incrementally, so a character split across canvases comes out whole.
 
 Errors: InvalidRequest (400 / INVALID_ARGUMENT), Overloaded (429 / RESOURCE_EXHAUSTED), Unavailable (the pool
 did not answer: 503 / UNAVAILABLE) from `open`; EngineFailure from the chunks when the request failed in the
-engine or its stream ended without a final event. This module imports neither torch nor Ray.
+engine or its stream ended without a final event, ReplicaLost (retryable: 503 / UNAVAILABLE) when its replica
+went away. A request is idempotent until the client has been sent a canvas or a draft: a replica lost before
+that (before accepting, or after accepting and before its first canvas) is retried once on the pool, which
+routes it to another replica, and the client sees nothing of it. This module imports neither torch nor Ray.
 """
 
 from __future__ import annotations
 
+import logging
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
@@ -46,6 +50,7 @@ from serving.request import (
 )
 
 REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+log = logging.getLogger("ray.serve")
 
 
 def new_request_id() -> str:
@@ -59,6 +64,12 @@ class Unavailable(RuntimeError):
 
 class EngineFailure(RuntimeError):
     """The request failed after it was accepted: an engine error, or a stream cut off before its end."""
+
+
+class ReplicaLost(EngineFailure):
+    """The replica serving the request went away (its process died, its node was lost) after the client had
+    been sent part of the answer, or on the second try: retryable (503 / UNAVAILABLE), the request may be sent
+    again."""
 
 
 class PoolClient(Protocol):
@@ -289,34 +300,55 @@ class Frontend:
             tier=name,
         )
         grant = None if key_id is None else self.gate.admit(key_id, len(ids) + payload["max_new_tokens"])
-        events = self.pools[tier.pool].generate(payload)
         try:
-            first = await anext(events)
-        except Exception as exc:  # no replica, or one that died before answering
-            await events.aclose()
+            events = await self._accepted(tier.pool, payload)
+        except Exception:
             if grant is not None:
                 grant.release()
-            raise Unavailable(f"pool {tier.pool!r} did not take the request: {exc}") from exc
-        if not isinstance(first, Accepted):
-            await events.aclose()
-            if grant is not None:
-                grant.release()
-            if isinstance(first, Refusal):
-                raise first.error()
-            raise Unavailable(f"pool {tier.pool!r} answered {type(first).__name__} instead of accepting")
-        return Opened(request_id, name, len(ids), self._chunks(events, name, protocol, started, grant))
+            raise
+        send = lambda: self._accepted(tier.pool, payload, tries=1)  # noqa: E731  (the one retry, when idempotent)
+        return Opened(request_id, name, len(ids), self._chunks(events, name, protocol, started, grant, send))
+
+    async def _accepted(self, pool: str, payload: dict, tries: int = 2) -> AsyncIterator[Any]:
+        """The replica's event stream once it has accepted the request (its Accepted consumed). A replica that
+        fails before accepting (no replica, a dead one) is tried again, up to `tries` times in all."""
+        for attempt in range(tries):
+            events = self.pools[pool].generate(payload)
+            try:
+                first = await anext(events)
+            except Exception as exc:  # no replica, or one that died before answering
+                await events.aclose()
+                if attempt + 1 < tries:
+                    log.warning("request %s: pool %s lost it before accepting (%s); retrying once",
+                                payload["request_id"], pool, type(exc).__name__)  # fmt: skip
+                    continue
+                raise Unavailable(f"pool {pool!r} did not take the request: {exc}") from exc
+            if not isinstance(first, Accepted):
+                await events.aclose()
+                if isinstance(first, Refusal):
+                    raise first.error()
+                raise Unavailable(f"pool {pool!r} answered {type(first).__name__} instead of accepting")
+            return events
+        raise AssertionError("unreachable")
 
     async def _chunks(
-        self, events: AsyncIterator[Any], tier: str, protocol: str, started: float, grant: Grant | None = None
+        self,
+        events: AsyncIterator[Any],
+        tier: str,
+        protocol: str,
+        started: float,
+        grant: Grant | None = None,
+        resend: Callable[[], Awaitable[AsyncIterator[Any]]] | None = None,
     ) -> AsyncIterator[Chunk]:
         """The engine's events as text, once for every protocol. Closing this (a client that went away)
         closes the replica's stream, which cancels the request in its engine. A key's grant is given back
-        when the stream ends, with the tokens the request used."""
+        when the stream ends, with the tokens the request used. `resend`: where the replica is lost before
+        anything was sent on, the request is sent again once (the client sees nothing of it)."""
         detok = Detokenizer(self.tokenizer)
         m, outcome, first = self.metrics, "cancelled", True  # cancelled: closed before its end (client gone)
         used = None
         try:
-            async for e in events:
+            async for e in self._resent_once(events, resend):
                 if isinstance(e, CanvasEvent):
                     if first:
                         m.time_to_first_canvas.labels(tier, protocol).observe(time.perf_counter() - started)
@@ -342,10 +374,11 @@ class Frontend:
                     raise EngineFailure(e.message)
             outcome = "failed"
         except EngineFailure:
+            outcome = "failed"
             raise
         except Exception as exc:  # the replica died mid-stream, or the pool's transport failed
             outcome = "failed"
-            raise EngineFailure(f"the request's stream broke: {type(exc).__name__}: {exc}") from exc
+            raise ReplicaLost(f"the request's replica was lost: {type(exc).__name__}: {exc}") from exc
         finally:
             if outcome is not None:
                 m.requests.labels(tier, protocol, outcome).inc()
@@ -355,6 +388,32 @@ class Frontend:
                 grant.release(used)  # a no-op after the final event; else the whole reservation comes back
             await events.aclose()
         raise EngineFailure("the stream ended without a final event")
+
+    @staticmethod
+    async def _resent_once(
+        events: AsyncIterator[Any], resend: Callable[[], Awaitable[AsyncIterator[Any]]] | None
+    ) -> AsyncIterator[Any]:
+        """The replica's events; if its stream breaks before a canvas or draft came out of it (so before the
+        client was sent any), the request's events from a second sending, once."""
+        sent = False
+        try:
+            async for e in events:
+                sent = sent or isinstance(e, (CanvasEvent, DraftEvent))
+                yield e
+            return
+        except Exception as exc:
+            if sent or resend is None:
+                raise
+            lost = type(exc).__name__
+            log.warning("a replica was lost before the request's first canvas (%s); sending it again", lost)
+        finally:
+            await events.aclose()
+        again = await resend()
+        try:
+            async for e in again:
+                yield e
+        finally:
+            await again.aclose()
 
     # ---------------------------------------------------------------- the service
 

@@ -25,6 +25,7 @@ from serving.frontend import (
     DraftChunk,
     Frontend,
     Opened,
+    ReplicaLost,
     Unavailable,
 )
 from serving.request import InvalidRequest, Overloaded, Usage
@@ -57,7 +58,7 @@ def set_error(context: Any, exc: Exception) -> None:
     elif isinstance(exc, Overloaded):
         context.set_code(grpc.StatusCode.RESOURCE_EXHAUSTED)
         context.set_trailing_metadata([("retry-after-s", str(round(exc.retry_after_s, 1)))])
-    elif isinstance(exc, Unavailable):
+    elif isinstance(exc, (Unavailable, ReplicaLost)):  # retryable
         context.set_code(grpc.StatusCode.UNAVAILABLE)
     elif isinstance(exc, Unauthenticated):
         context.set_code(grpc.StatusCode.UNAUTHENTICATED)

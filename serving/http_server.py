@@ -32,6 +32,7 @@ from serving.frontend import (
     EngineFailure,
     Frontend,
     Opened,
+    ReplicaLost,
     Unavailable,
     new_request_id,
 )
@@ -133,6 +134,15 @@ def error_response(
     return JSONResponse(body, status_code=status, headers=headers)
 
 
+def retryable(exc: EngineFailure) -> bool:
+    """A lost replica (the request may be sent again), not an engine error."""
+    return isinstance(exc, ReplicaLost)
+
+
+def failure_type(exc: EngineFailure) -> str:
+    return "service_unavailable" if retryable(exc) else "server_error"
+
+
 def sse(obj: dict) -> str:
     return f"data: {json.dumps(obj)}\n\n"
 
@@ -206,6 +216,8 @@ def http_app(frontend: Frontend, assign_request_ids: bool = True) -> FastAPI:
     async def answer_or_error(opened: Opened) -> Answer | JSONResponse:
         try:
             return await opened.collect()
+        except ReplicaLost as exc:  # retryable: the request may be sent again
+            return error_response(503, str(exc), retry_after=1)
         except EngineFailure as exc:
             return error_response(500, str(exc))
 
@@ -261,7 +273,7 @@ def http_app(frontend: Frontend, assign_request_ids: bool = True) -> FastAPI:
                     finish = OPENAI_FINISH.get(c.finish_reason, c.finish_reason)
                     yield reply(chunk_kind, "", finish, delta=True) | {"usage": openai_usage(c.usage, opened.tier)}
 
-        return streaming(lines(), lambda exc: {"error": {"message": str(exc), "type": "server_error"}})
+        return streaming(lines(), lambda exc: {"error": {"message": str(exc), "type": failure_type(exc)}})
 
     @app.post("/v1/completions")
     async def completions(body: CompletionBody, request: Request):
@@ -324,7 +336,7 @@ def http_app(frontend: Frontend, assign_request_ids: bool = True) -> FastAPI:
                         "usage": asdict(c.usage),
                     }
 
-        return streaming(lines(), lambda exc: {"type": "error", "message": str(exc)})
+        return streaming(lines(), lambda exc: {"type": "error", "message": str(exc), "retryable": retryable(exc)})
 
     # ---------------------------------------------------------------- health
 

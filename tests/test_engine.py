@@ -395,3 +395,23 @@ def test_a_flood_of_one_tier_leaves_queue_places_and_slots_to_the_others(net):
     assert accepted == 4 and refused == 6  # 8 places, 4 of them quality's
     last_fast = max(t for k, t in done_at.items() if k.startswith("f"))
     assert sum(t > last_fast for k, t in done_at.items() if k.startswith("q")) >= 2  # fast did not wait behind them
+
+
+def test_a_second_request_under_a_live_id_is_refused(net):
+    """Ids name jobs in the engine (a cancel finds its job by id): a duplicate would be taken for the first."""
+    C = net.config.canvas_length
+
+    async def main():
+        engine = make_engine(net, slots=1, max_queue=2)
+        first = engine.submit(GenerateRequest([2, 5], C, request_id="same"))
+        with pytest.raises(InvalidRequest, match="already in flight") as twice:
+            engine.submit(GenerateRequest([2, 6], C, request_id="same"))
+        engine.start()
+        _, _, final = await collect(first)
+        again = await collect(engine.submit(GenerateRequest([2, 6], C, request_id="same")))  # free again
+        await engine.stop()
+        return twice.value, final, again[2]
+
+    twice, final, again = run(main())
+    assert twice.field == "request_id"
+    assert isinstance(final, FinalEvent) and isinstance(again, FinalEvent)

@@ -37,17 +37,28 @@ ARGS = yaml.safe_load((ROOT / "deploy" / "config.yaml").read_text())["applicatio
 class RecordingPool(LocalPool):
     """The replica's real stream, with what was sent to it recorded and an optional fault injected."""
 
-    def __init__(self, server: Any, fault: str | None = None):
+    def __init__(self, server: Any, fault: str | None = None, spare: Any = None):
         super().__init__(server)
         self.payloads: list[dict] = []
         self.fault = fault
         self.release = asyncio.Event()  # fault "hold": final events wait for this
+        self.spare = spare  # the lost-* faults: a second replica, which a request's second sending reaches
 
     async def generate(self, payload: dict) -> AsyncIterator[Any]:
         self.payloads.append(payload)
         if self.fault == "unreachable":
             raise ConnectionError("no replica")
-        async for item in self.server.generate(payload):
+        # lost-before/after-accepting: every request's first sending dies, its second (to the spare) lives;
+        # lost-after-a-canvas: every sending dies after its first canvas (and is never sent again)
+        retry = self.fault in ("lost-before-accepting", "lost-after-accepting") and len(self.payloads) % 2 == 0
+        if self.fault == "lost-before-accepting" and not retry:
+            raise ConnectionError("the replica died")
+        lost_at = {"lost-after-accepting": 1, "lost-after-a-canvas": 2}.get(self.fault)
+        seen = 0
+        async for item in (self.spare if retry else self.server).generate(payload):
+            seen += 1
+            if lost_at is not None and seen > lost_at and not retry:
+                raise ConnectionError("the replica died")
             if self.fault == "no-final" and isinstance(item, FinalEvent):
                 return
             if self.fault == "hold" and isinstance(item, FinalEvent):
@@ -61,7 +72,8 @@ async def service(fault: str | None = None, registry: CollectorRegistry | None =
     config = AppConfig(**(ARGS | args))
     (pool_name, pool), *_ = config.pools.items()
     server = await local_replica(config.model, pool.model_dump(), pool_name)
-    recording = RecordingPool(server, fault)
+    spare = await local_replica(config.model, pool.model_dump(), pool_name) if fault and "lost" in fault else None
+    recording = RecordingPool(server, fault, spare)
     frontend = Frontend(config, {pool_name: recording}, registry=registry or CollectorRegistry())
     grpc_server = grpc.aio.server()
     pb_grpc.add_DiffusionServiceServicer_to_server(DiffusionServicer(frontend), grpc_server)
@@ -77,6 +89,8 @@ async def service(fault: str | None = None, registry: CollectorRegistry | None =
     finally:
         await grpc_server.stop(None)
         await server.engine.stop()
+        if spare is not None:
+            await spare.engine.stop()
 
 
 def run(coro):
@@ -182,9 +196,47 @@ def test_a_stream_cut_before_its_final_event_is_an_error_not_a_crash():
     plain, streamed, rpc_error = run(main())
     assert plain.status_code == 500 and "without a final event" in plain.json()["error"]["message"]
     events = sse_events(streamed.text)
-    assert events[0]["type"] == "canvas" and events[-1] == {"type": "error", "message": events[-1]["message"]}
+    assert events[0]["type"] == "canvas" and events[-1]["type"] == "error" and events[-1]["retryable"] is False
     assert "without a final event" in events[-1]["message"]
     assert rpc_error.code() == grpc.StatusCode.INTERNAL
+
+
+@pytest.mark.parametrize("fault", ["lost-before-accepting", "lost-after-accepting"])
+def test_a_replica_lost_before_the_first_canvas_is_retried_unseen(fault):
+    async def main():
+        async with service(fault=fault) as (http, stub, pool, _):
+            plain = await http.post("/v1/chat/completions", json=CHAT)
+            streamed = await http.post("/v1/generate", json={"text": "reverse: a b c", "tier": "fast", "stream": True})
+            unary = await stub.Generate(pb.GenerateRequest(text="reverse: a b c", tier="fast", seed=0))
+            return plain, streamed, unary, pool.payloads
+
+    plain, streamed, unary, payloads = run(main())
+    assert plain.status_code == 200 and plain.json()["choices"][0]["message"]["content"].split() == ["c", "b", "a"]
+    events = sse_events(streamed.text)
+    assert [e["type"] for e in events] == ["canvas", "final"]
+    assert unary.text.split() == ["c", "b", "a"]
+    assert len(payloads) == 6 and payloads[0] == payloads[1]  # each request sent twice, the same request
+
+
+def test_a_replica_lost_after_a_canvas_is_a_retryable_error():
+    async def main():
+        async with service(fault="lost-after-a-canvas") as (http, stub, pool, _):
+            long = {"tier": "quality", "max_denoising_steps": 8, "adaptive_stop": False, "max_new_tokens": 64}
+            plain = await http.post("/v1/generate", json={"text": "hello there", **long})
+            streamed = await http.post("/v1/generate", json={"text": "hello there", "stream": True, **long})
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                req = pb.GenerateRequest(text="hello there", tier="quality", max_new_tokens=64)
+                [c async for c in stub.GenerateStream(req)]
+            return plain, streamed, err.value, len(pool.payloads)
+
+    plain, streamed, rpc_error, sent = run(main())
+    assert plain.status_code == 503 and plain.headers["retry-after"] == "1"
+    assert plain.json()["error"]["type"] == "service_unavailable"
+    events = sse_events(streamed.text)
+    assert events[0]["type"] == "canvas" and events[-1]["type"] == "error" and events[-1]["retryable"] is True
+    assert streamed.text.rstrip().endswith("data: [DONE]")
+    assert rpc_error.code() == grpc.StatusCode.UNAVAILABLE
+    assert sent == 3  # a canvas had gone out: no second sending
 
 
 def test_an_unreachable_pool_is_503_and_unavailable():
