@@ -63,6 +63,18 @@ class App:
         r.raise_for_status()
         return r.text
 
+    def gcs_address(self) -> str:
+        """The cluster's GCS address, for Ray's state API (`ray.util.state.list_actors(address=...)`)."""
+        (port_file,) = (self.ray_dir / "ray" / "session_latest").glob("gcs_server_port_*")
+        return f"127.0.0.1:{port_file.read_text().strip()}"
+
+    def replica_pids(self, deployment: str) -> list[int]:
+        """The PIDs of a deployment's live replicas (`Denoiser-cpu`, `Ingress`), through Ray's state API."""
+        from ray.util.state import list_actors
+
+        actors = list_actors(address=self.gcs_address(), filters=[("state", "=", "ALIVE")], detail=True, limit=1000)
+        return sorted(a.pid for a in actors if a.class_name.endswith(f":{deployment}"))
+
     def load(self, pool: str = "cpu") -> dict:
         r = httpx.get(f"{self.http}/ready", timeout=30)
         r.raise_for_status()

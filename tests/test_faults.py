@@ -1,0 +1,125 @@
+"""Faults under `serve run` (a real local Ray, loopback only, bounded): a Denoiser replica's process is killed by
+its PID, found through Ray's state API, while it holds streaming and unary requests of both protocols."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import time
+
+import grpc
+import httpx
+import pytest
+
+from loadtest.serve_run import App, shipped_config
+from protos.diffusiongemma.v1 import diffusion_pb2 as pb
+from protos.diffusiongemma.v1 import diffusion_pb2_grpc as pb_grpc
+
+pytestmark = pytest.mark.slow  # two replicas, a kill and a restart: about a minute
+
+LONG = {"tier": "quality", "adaptive_stop": False, "max_denoising_steps": 48, "max_new_tokens": 256}
+DEADLINE_S = 90
+
+
+def two_replicas() -> dict:
+    config = shipped_config()
+    config["applications"][0]["args"]["pools"]["cpu"].update(replicas=2, threads=1)
+    return config
+
+
+async def http_stream(client: httpx.AsyncClient, i: int, first_canvas: asyncio.Event) -> str:
+    """'complete' (a final event), 'retryable' (an error event marked so); anything else fails the test."""
+    body = {"text": f"Tell me about topic {i}.", "stream": True, **LONG}
+    async with client.stream("POST", "/v1/generate", json=body) as r:
+        if r.status_code == 503:
+            return "retryable"
+        assert r.status_code == 200, r.status_code
+        last = None
+        async for line in r.aiter_lines():
+            if line.startswith("data: {"):
+                last = json.loads(line[6:])
+                if last["type"] == "canvas":
+                    first_canvas.set()
+        assert last is not None and last["type"] in ("final", "error"), f"a stream cut short: {last}"
+        if last["type"] == "error":
+            assert last["retryable"] is True, last
+            return "retryable"
+        return "complete"
+
+
+async def http_unary(client: httpx.AsyncClient, i: int) -> str:
+    r = await client.post("/v1/generate", json={"text": f"Describe item {i}.", **LONG})
+    if r.status_code == 503:
+        assert int(r.headers["retry-after"]) >= 1
+        return "retryable"
+    assert r.status_code == 200, (r.status_code, r.text[:300])
+    assert r.json()["finish_reason"] in ("eos", "length") and r.json()["usage"]["generated_tokens"] > 0
+    return "complete"
+
+
+async def grpc_call(target: str, i: int, stream: bool) -> str:
+    req = pb.GenerateRequest(text=f"Explain thing {i}.", tier="quality", max_new_tokens=256)
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = pb_grpc.DiffusionServiceStub(channel)
+        try:
+            if stream:
+                chunks = [c async for c in stub.GenerateStream(req, timeout=DEADLINE_S)]
+                assert chunks and chunks[-1].WhichOneof("kind") == "final", "a stream cut short"
+            else:
+                reply = await stub.Generate(req, timeout=DEADLINE_S)
+                assert reply.finish_reason in ("eos", "length")
+        except grpc.aio.AioRpcError as err:
+            assert err.code() == grpc.StatusCode.UNAVAILABLE, (err.code(), err.details())
+            return "retryable"
+    return "complete"
+
+
+def test_a_denoiser_replica_killed_mid_load_loses_nothing_and_recovers(served):
+    app: App = served.get(two_replicas())
+    before = app.replica_pids("Denoiser-cpu")
+    assert len(before) == 2
+
+    async def load_and_kill() -> tuple[list[str], float]:
+        first_canvas = asyncio.Event()
+        limits = httpx.Limits(max_connections=64)
+        async with httpx.AsyncClient(base_url=app.http, timeout=DEADLINE_S, limits=limits) as client:
+            calls = [http_stream(client, i, first_canvas) for i in range(8)]
+            calls += [http_unary(client, i) for i in range(4)]
+            calls += [grpc_call(app.grpc_target, i, stream=i % 2 == 0) for i in range(4)]
+            tasks = [asyncio.ensure_future(c) for c in calls]
+            await asyncio.wait_for(first_canvas.wait(), 60)  # some answers are under way, others still queued
+            os.kill(before[0], signal.SIGKILL)
+            killed_at = time.monotonic()
+            outcomes = await asyncio.wait_for(asyncio.gather(*tasks), DEADLINE_S + 30)  # none hangs
+        return outcomes, killed_at
+
+    outcomes, killed_at = asyncio.run(load_and_kill())
+    assert set(outcomes) <= {"complete", "retryable"}
+    assert outcomes.count("complete") >= 1
+
+    # recovery: Serve starts a replacement; the pool answers with two replicas again
+    recovered_s = None
+    while time.monotonic() - killed_at < 120:
+        pids = app.replica_pids("Denoiser-cpu")
+        if len(pids) == 2 and before[0] not in pids:
+            ok = httpx.post(f"{app.http}/v1/generate", json={"text": "reverse: a b c", "tier": "fast"}, timeout=60)
+            if ok.status_code == 200:
+                recovered_s = time.monotonic() - killed_at
+                break
+        time.sleep(1)
+    assert recovered_s is not None, "the pool did not get its second replica back within 120 s"
+
+    async def after() -> list[int]:
+        async with httpx.AsyncClient(base_url=app.http, timeout=60) as client:
+            body = {"text": "reverse: a b c", "tier": "fast", "seed": 0}
+            replies = await asyncio.gather(*(client.post("/v1/generate", json=body) for _ in range(6)))
+            return [r.status_code for r in replies]
+
+    assert asyncio.run(after()) == [200] * 6
+    log = app.log.read_text()
+    resent = log.count("sending it again") + log.count("retrying once")
+    print(f"outcomes: {outcomes.count('complete')} complete ({resent} of them sent again, unseen), "
+          f"{outcomes.count('retryable')} retryable errors; recovery {recovered_s:.1f} s")  # fmt: skip
+    assert outcomes.count("retryable") + resent >= 1, "the killed replica held none of the requests: nothing proved"
