@@ -28,10 +28,12 @@ ALLOWED_GRPC = {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.Statu
 def live():
     """One ingress and engine for every example: an event loop of its own that each request runs on."""
     loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)  # gRPC's aio calls look the loop up when they are made
     ctx = service(max_body_bytes=64 * 1024)
     http, stub, _, _ = loop.run_until_complete(ctx.__aenter__())
     yield loop, http, stub
     loop.run_until_complete(ctx.__aexit__(None, None, None))
+    asyncio.set_event_loop(None)
     loop.close()
 
 
@@ -39,7 +41,11 @@ def works_afterwards(loop, http, stub) -> None:
     chat = loop.run_until_complete(http.post("/v1/chat/completions", json=CHAT))
     assert chat.status_code == 200 and chat.json()["choices"][0]["message"]["content"].split() == ["c", "b", "a"]
     req = pb.GenerateRequest(text="reverse: a b c", tier="fast", seed=0)
-    assert loop.run_until_complete(stub.Generate(req, timeout=30)).text.split() == ["c", "b", "a"]
+
+    async def unary():
+        return await stub.Generate(req, timeout=30)
+
+    assert loop.run_until_complete(unary()).text.split() == ["c", "b", "a"]
 
 
 # ---------------------------------------------------------------- strategies
