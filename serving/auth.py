@@ -93,7 +93,7 @@ class _Usage:
 class Grant:
     """An admitted request's share of its key's limits; `release` once, when the request ends."""
 
-    limiter: KeyGate
+    gate: KeyGate
     key_id: str
     reserved: int
     released: bool = field(default=False)
@@ -101,7 +101,7 @@ class Grant:
     def release(self, used_tokens: int | None = None) -> None:
         if not self.released:
             self.released = True
-            self.limiter._release(self.key_id, self.reserved, used_tokens)
+            self.gate._release(self.key_id, self.reserved, used_tokens)
 
 
 class KeyGate:
