@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import socket
@@ -69,11 +70,22 @@ class App:
         return f"127.0.0.1:{port_file.read_text().strip()}"
 
     def replica_pids(self, deployment: str) -> list[int]:
-        """The PIDs of a deployment's live replicas (`Denoiser-cpu`, `Ingress`), through Ray's state API."""
+        """The PIDs of a deployment's live replica processes (`Denoiser-cpu`, `Ingress`), through Ray's state
+        API: alive, which is not yet serving (a replica's process is alive while its model loads)."""
         from ray.util.state import list_actors
 
         actors = list_actors(address=self.gcs_address(), filters=[("state", "=", "ALIVE")], detail=True, limit=1000)
         return sorted(a.pid for a in actors if a.class_name.endswith(f":{deployment}"))
+
+    def running_replica_pids(self, deployment: str) -> list[int]:
+        """The PIDs of a deployment's replicas that Serve reports RUNNING (serving requests), from Serve's REST
+        API on the cluster's dashboard."""
+        log = (self.ray_dir / "ray" / "session_latest" / "logs" / "dashboard.log").read_text()
+        address = re.search(r"Dashboard head http address: (\S+)", log).group(1)
+        apps = httpx.get(f"http://{address}/api/serve/applications/", timeout=30).json()["applications"]
+        replicas = [r for app in apps.values() for name, d in app["deployments"].items() if name == deployment
+                    for r in d["replicas"]]  # fmt: skip
+        return sorted(r["pid"] for r in replicas if r["state"] == "RUNNING")
 
     def load(self, pool: str = "cpu") -> dict:
         r = httpx.get(f"{self.http}/ready", timeout=30)

@@ -78,8 +78,11 @@ async def grpc_call(target: str, i: int, stream: bool) -> str:
 
 def test_a_denoiser_replica_killed_mid_load_loses_nothing_and_recovers(served):
     app: App = served.get(two_replicas())
-    before = app.replica_pids("Denoiser-cpu")
-    assert len(before) == 2
+    deadline = time.monotonic() + 120
+    while len(before := app.running_replica_pids("Denoiser-cpu")) < 2:  # /ready needs only one of them
+        assert time.monotonic() < deadline, "the pool's second replica did not start"
+        time.sleep(1)
+    assert app.replica_pids("Denoiser-cpu") == before  # Ray's state API sees the same two processes
 
     async def load_and_kill() -> tuple[list[str], float]:
         first_canvas = asyncio.Event()
@@ -102,7 +105,7 @@ def test_a_denoiser_replica_killed_mid_load_loses_nothing_and_recovers(served):
     # recovery: Serve starts a replacement; the pool answers with two replicas again
     recovered_s = None
     while time.monotonic() - killed_at < 120:
-        pids = app.replica_pids("Denoiser-cpu")
+        pids = app.running_replica_pids("Denoiser-cpu")
         if len(pids) == 2 and before[0] not in pids:
             ok = httpx.post(f"{app.http}/v1/generate", json={"text": "reverse: a b c", "tier": "fast"}, timeout=60)
             if ok.status_code == 200:
