@@ -131,3 +131,56 @@ def test_a_denoiser_replica_killed_mid_load_loses_nothing_and_recovers(served):
     print(f"outcomes: {outcomes.count('complete')} complete ({resent} of them sent again, unseen), "
           f"{outcomes.count('retryable')} retryable errors; recovery {recovered_s:.1f} s")  # fmt: skip
     assert outcomes.count("retryable") + resent >= 1, "the killed replica held none of the requests: nothing proved"
+
+
+def test_the_router_replica_killed_mid_load_recovers_and_no_client_hangs(served):
+    """The Ingress (router) replica killed under load: what in-flight clients see is recorded (docs/fleet.md),
+    none hangs past its deadline, and new requests succeed once Serve has restarted the router."""
+    app: App = served.get(two_replicas())
+    deadline = time.monotonic() + 120
+    while len(app.running_replica_pids("Denoiser-cpu")) < 2 or not app.running_replica_pids("Ingress"):
+        assert time.monotonic() < deadline, "the app did not come up"
+        time.sleep(1)
+    (router,) = app.running_replica_pids("Ingress")
+
+    async def stream_outcome(client: httpx.AsyncClient, i: int, first_canvas: asyncio.Event) -> str:
+        body = {"text": f"Tell me about topic {i}.", "stream": True, **LONG}
+        try:
+            async with client.stream("POST", "/v1/generate", json=body) as r:
+                if r.status_code != 200:
+                    return f"http {r.status_code}"
+                last = None
+                async for line in r.aiter_lines():
+                    if line.startswith("data: {"):
+                        last = json.loads(line[6:])
+                        first_canvas.set()
+                return "complete" if last and last["type"] == "final" else f"ended after {last and last['type']}"
+        except httpx.HTTPError as exc:
+            return f"connection error ({type(exc).__name__})"
+
+    async def load_and_kill() -> tuple[list[str], float]:
+        first_canvas = asyncio.Event()
+        async with httpx.AsyncClient(base_url=app.http, timeout=DEADLINE_S) as client:
+            tasks = [asyncio.ensure_future(stream_outcome(client, i, first_canvas)) for i in range(8)]
+            await asyncio.wait_for(first_canvas.wait(), 60)
+            os.kill(router, signal.SIGKILL)
+            killed_at = time.monotonic()
+            outcomes = await asyncio.wait_for(asyncio.gather(*tasks), DEADLINE_S + 30)  # none hangs
+        return outcomes, killed_at
+
+    outcomes, killed_at = asyncio.run(load_and_kill())
+    recovered_s = None
+    while time.monotonic() - killed_at < 120:
+        pids = app.running_replica_pids("Ingress")
+        if pids and router not in pids:
+            try:
+                r = httpx.post(f"{app.http}/v1/generate", json={"text": "reverse: a b c", "tier": "fast"}, timeout=30)
+                if r.status_code == 200 and r.json()["text"].split() == ["c", "b", "a"]:
+                    recovered_s = time.monotonic() - killed_at
+                    break
+            except httpx.HTTPError:
+                pass
+        time.sleep(1)
+    assert recovered_s is not None, "the router did not come back within 120 s"
+    print(f"in-flight streams saw: {sorted(set(outcomes))} ({len(outcomes)} streams); recovery {recovered_s:.1f} s")
+    assert not any(o.startswith("http 5") and o != "http 503" for o in outcomes), outcomes
