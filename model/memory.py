@@ -30,7 +30,7 @@ from torch.utils._pytree import tree_flatten
 from model.config import TextConfig
 from model.denoiser import VOCAB_WORKSPACE_BYTES, Denoiser
 from model.network import LayerWeights, Network
-from model.quant import WEIGHT_FORMATS, nbytes
+from model.quant import WEIGHT_FORMATS, nbytes, tensor_bytes
 from model.weights import random_network
 
 GB = 1e9
@@ -88,7 +88,7 @@ def weight_groups(net: Network) -> dict[str, int]:
 
 def state_bytes(denoiser: Denoiser) -> int:
     """The denoiser's per-slot tensors (canvases, drafts, soft embeddings, settings), the cache aside."""
-    return sum(t.numel() * t.element_size() for t in vars(denoiser).values() if isinstance(t, torch.Tensor))
+    return tensor_bytes(*(t for t in vars(denoiser).values() if isinstance(t, torch.Tensor)))
 
 
 def step_peak(denoiser: Denoiser, rows: int) -> tuple[int, int]:
@@ -96,7 +96,7 @@ def step_peak(denoiser: Denoiser, rows: int) -> tuple[int, int]:
     denoising forward, then the vocabulary pass with the forward's output alive."""
     idx = torch.arange(rows, device=denoiser.net.device)
     tile = denoiser.vocab_tile(rows * denoiser.canvas_length)
-    buffers = sum(t.numel() * t.element_size() for t in denoiser._scratch(tile, denoiser.config.vocab_size))
+    buffers = tensor_bytes(*denoiser._scratch(tile, denoiser.config.vocab_size))
     with LiveBytes() as live:
         soft = denoiser.soft[idx]
         hidden = denoiser._denoise(denoiser.cache, idx, denoiser.canvas[idx], soft, static=True)

@@ -55,7 +55,7 @@ class Fp8Weight:
         return self.data.shape
 
     def nbytes(self) -> int:
-        return _nbytes(self.data, self.scale)
+        return tensor_bytes(self.data, self.scale)
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         return (self.data.float() * self.scale).to(dtype or self.dtype)
@@ -107,7 +107,7 @@ class Int4Weight:
         return torch.Size((*self.packed.shape[:-1], self.packed.shape[-1] * 2))
 
     def nbytes(self) -> int:
-        return _nbytes(self.packed, self.scale)
+        return tensor_bytes(self.packed, self.scale)
 
     def dequantize(self, dtype: torch.dtype | None = None, e: int | None = None) -> torch.Tensor:
         packed, scale = (self.packed, self.scale) if e is None else (self.packed[e], self.scale[e])
@@ -130,12 +130,12 @@ QuantizedWeight = Fp8Weight | Int4Weight
 Weight = torch.Tensor | Fp8Weight | Int4Weight
 
 
-def _nbytes(*tensors: torch.Tensor) -> int:
+def tensor_bytes(*tensors: torch.Tensor) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def nbytes(w: Weight) -> int:
-    return _nbytes(w) if isinstance(w, torch.Tensor) else w.nbytes()
+    return tensor_bytes(w) if isinstance(w, torch.Tensor) else w.nbytes()
 
 
 def sliced_grouped_mm(

@@ -111,10 +111,8 @@ class KeyGate:
         self.auth = auth
         self.keys = load_keys(auth)
         self.clock = clock
-        self.usage: dict[str, _Usage] = {kid: _Usage(tokens=float(auth.tokens_per_minute or 0)) for kid in self.keys}
-        now = clock()
-        for u in self.usage.values():
-            u.at = now
+        full, now = float(auth.tokens_per_minute or 0), clock()
+        self.usage: dict[str, _Usage] = {kid: _Usage(tokens=full, at=now) for kid in self.keys}
 
     def identify(self, authorization: str | None) -> str:
         """The key id of an `Authorization: Bearer <key>` value (HTTP header or gRPC metadata)."""

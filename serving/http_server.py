@@ -93,10 +93,15 @@ class Gate:
             reply = error_response(401, str(exc), "authorization", headers={"WWW-Authenticate": "Bearer"})
             return await reply(scope, receive, send)
         scope.setdefault("state", {})["key_id"] = key_id
-        too_large = error_response(413, f"the request body is over {self.max_body_bytes} bytes", "body")
+
+        async def too_large() -> None:
+            self.frontend.metrics.refusals.labels("http", "body_too_large").inc()
+            reply = error_response(413, f"the request body is over {self.max_body_bytes} bytes", "body")
+            await reply(scope, receive, send)
+
         declared = headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
-            return await too_large(scope, receive, send)
+            return await too_large()
         body, more = b"", True
         while more:  # the body, whole, up to the limit (bodies here are prompts: kilobytes)
             message = await receive()
@@ -105,8 +110,7 @@ class Gate:
             body += message.get("body", b"")
             more = message.get("more_body", False)
             if len(body) > self.max_body_bytes:
-                self.frontend.metrics.refusals.labels("http", "body_too_large").inc()
-                return await too_large(scope, receive, send)
+                return await too_large()
         replayed = False
 
         async def replay() -> Message:

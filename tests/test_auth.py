@@ -147,8 +147,10 @@ def test_per_key_limits_answer_429_with_a_retry_hint_and_count_by_key_id(monkeyp
 
 
 def test_oversized_bodies_get_413_before_they_are_read_whole():
+    registry = CollectorRegistry()
+
     async def main():
-        async with service(max_body_bytes=4096) as (http, _, pool, __):
+        async with service(registry=registry, max_body_bytes=4096) as (http, _, pool, __):
             big = {"text": "w " * 5000, "tier": "fast"}
             declared = await http.post("/v1/generate", json=big)
 
@@ -165,6 +167,8 @@ def test_oversized_bodies_get_413_before_they_are_read_whole():
     assert declared.status_code == streamed.status_code == 413
     assert declared.json()["error"]["param"] == "body" and "4096 bytes" in declared.json()["error"]["message"]
     assert small.status_code == 200 and reached == 1
+    refused = registry.get_sample_value("dgs_frontend_refusals_total", {"protocol": "http", "reason": "body_too_large"})
+    assert refused == 2  # by its Content-Length and as it arrived
 
 
 def test_no_key_and_no_prompt_text_in_the_logs(monkeypatch, caplog):
