@@ -77,12 +77,15 @@ class App:
         actors = list_actors(address=self.gcs_address(), filters=[("state", "=", "ALIVE")], detail=True, limit=1000)
         return sorted(a.pid for a in actors if a.class_name.endswith(f":{deployment}"))
 
+    def dashboard(self) -> str:
+        """The cluster's dashboard, where Serve's REST API answers (`serve deploy -a`, deploy/drain.py)."""
+        log = (self.ray_dir / "ray" / "session_latest" / "logs" / "dashboard.log").read_text()
+        return "http://" + re.search(r"Dashboard head http address: (\S+)", log).group(1)
+
     def running_replica_pids(self, deployment: str) -> list[int]:
         """The PIDs of a deployment's replicas that Serve reports RUNNING (serving requests), from Serve's REST
         API on the cluster's dashboard."""
-        log = (self.ray_dir / "ray" / "session_latest" / "logs" / "dashboard.log").read_text()
-        address = re.search(r"Dashboard head http address: (\S+)", log).group(1)
-        apps = httpx.get(f"http://{address}/api/serve/applications/", timeout=30).json()["applications"]
+        apps = httpx.get(f"{self.dashboard()}/api/serve/applications/", timeout=30).json()["applications"]
         replicas = [r for app in apps.values() for name, d in app["deployments"].items() if name == deployment
                     for r in d["replicas"]]  # fmt: skip
         return sorted(r["pid"] for r in replicas if r["state"] == "RUNNING")

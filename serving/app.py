@@ -50,5 +50,9 @@ def build(args: dict) -> Application:
     ingress = serve.deployment(serve.ingress()(Ingress), name="Ingress", max_ongoing_requests=MAX_ONGOING)
     # the router relays the pools' streams: it drains at least as long as the longest pool
     drain = max(p.graceful_shutdown_timeout_s for p in config.pools.values())
-    options = dict(ray_actor_options={"num_cpus": 0}, graceful_shutdown_timeout_s=drain)
+    # user_config: Serve applies a change of it to every router replica in place (Ingress.reconfigure), which is
+    # how deploy/drain.py stops new requests before a shutdown
+    options = dict(
+        ray_actor_options={"num_cpus": 0}, graceful_shutdown_timeout_s=drain, user_config={"draining": False}
+    )
     return ingress.options(**options).bind(config.model_dump(), pools)

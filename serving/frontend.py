@@ -61,6 +61,20 @@ def new_request_id() -> str:
 class Unavailable(RuntimeError):
     """The tier's pool could not be reached (no replica, a replica died before accepting)."""
 
+    retry_after_s: float | None = None
+
+
+class Draining(Unavailable):
+    """The service is being stopped: it finishes what it holds and takes nothing new (503 with Retry-After /
+    UNAVAILABLE); a load balancer or client retries elsewhere or after the restart. `loads`: the pools' loads
+    when known (readiness), so that a drain can watch the requests in flight fall to zero."""
+
+    retry_after_s = 5.0
+
+    def __init__(self, message: str, loads: dict[str, dict] | None = None):
+        super().__init__(message)
+        self.loads = loads
+
 
 class EngineFailure(RuntimeError):
     """The request failed after it was accepted: an engine error, or a stream cut off before its end."""
@@ -196,6 +210,9 @@ class Frontend:
         self.max_new_default = config.max_new_tokens or ckpt.generation.max_new_tokens
         self.metrics = frontend_metrics(registry)
         self.gate = KeyGate(config.auth) if config.auth is not None else None
+        # Set on every router replica at once through Serve's user_config (deploy/drain.py): new requests are
+        # refused, /ready and the gRPC readiness check say NOT ready, requests in flight run to their end.
+        self.draining = False
 
     # ---------------------------------------------------------------- callers
 
@@ -244,6 +261,8 @@ class Frontend:
         started = time.perf_counter()
         name = controls.tier or header_tier or self.config.default_tier
         try:
+            if self.draining:
+                raise Draining("the service is draining for a restart; send the request again")
             return await self._open(
                 ids, controls, name, max_new_tokens, stream_drafts, request_id, protocol, started, key_id
             )
@@ -258,6 +277,8 @@ class Frontend:
             outcome, reason = "overloaded", "key_limit"
         elif isinstance(exc, Overloaded):
             outcome, reason = "overloaded", "queue_full"
+        elif isinstance(exc, Draining):
+            outcome, reason = "unavailable", "draining"
         else:
             outcome, reason = "unavailable", "no_replica"
         label = tier if tier in self.config.tiers else "unknown"  # a client's string is no metric label
@@ -427,11 +448,14 @@ class Frontend:
         return {"object": "list", "data": [card | {"tiers": tiers, "default_tier": self.config.default_tier}]}
 
     async def ready(self) -> dict[str, dict]:
-        """Every pool's batcher load; Unavailable when a pool does not answer."""
+        """Every pool's batcher load; Unavailable when a pool does not answer, Draining (with the loads, so that a
+        drain can watch them fall to zero) while draining."""
         loads = {}
         for name, pool in self.pools.items():
             try:
                 loads[name] = await pool.load()
             except Exception as exc:
                 raise Unavailable(f"pool {name!r} is not ready: {exc}") from exc
+        if self.draining:
+            raise Draining("draining", loads)
         return loads

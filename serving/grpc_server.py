@@ -60,6 +60,8 @@ def set_error(context: Any, exc: Exception) -> None:
         context.set_trailing_metadata([("retry-after-s", str(round(exc.retry_after_s, 1)))])
     elif isinstance(exc, (Unavailable, ReplicaLost)):  # retryable
         context.set_code(grpc.StatusCode.UNAVAILABLE)
+        if getattr(exc, "retry_after_s", None) is not None:  # draining: come back after the restart
+            context.set_trailing_metadata([("retry-after-s", str(round(exc.retry_after_s, 1)))])
     elif isinstance(exc, Unauthenticated):
         context.set_code(grpc.StatusCode.UNAUTHENTICATED)
     else:  # EngineFailure: the request failed after it was accepted

@@ -29,6 +29,7 @@ from serving.frontend import (
     CanvasChunk,
     DoneChunk,
     DraftChunk,
+    Draining,
     EngineFailure,
     Frontend,
     Opened,
@@ -215,7 +216,7 @@ def http_app(frontend: Frontend, assign_request_ids: bool = True) -> FastAPI:
         except Overloaded as exc:
             return error_response(429, str(exc), retry_after=exc.retry_after_s)
         except Unavailable as exc:
-            return error_response(503, str(exc))
+            return error_response(503, str(exc), retry_after=exc.retry_after_s)
 
     async def answer_or_error(opened: Opened) -> Answer | JSONResponse:
         try:
@@ -350,9 +351,11 @@ def http_app(frontend: Frontend, assign_request_ids: bool = True) -> FastAPI:
 
     @app.get("/ready")
     async def ready():
-        """Ready when every pool answers a load query; shows each pool's batcher load."""
+        """Ready when every pool answers a load query; shows each pool's batcher load (also while draining)."""
         try:
             return {"status": "ready", "pools": await frontend.ready()}
+        except Draining as exc:
+            return JSONResponse({"status": "draining", "pools": exc.loads}, status_code=503)
         except Unavailable as exc:
             return error_response(503, str(exc))
 

@@ -49,6 +49,12 @@ class Ingress:
         self.servicer = DiffusionServicer(self.frontend)
         self.health = HealthService(self.frontend)
 
+    def reconfigure(self, user_config: dict) -> None:
+        """Serve calls this on every router replica, in place, when the deployment's user_config changes:
+        `{draining: true}` refuses new requests with 503 / UNAVAILABLE and lets those in flight finish
+        (deploy/drain.py sets it before a shutdown)."""
+        self.frontend.draining = bool(user_config.get("draining", False))
+
     def __serve_build_asgi_app__(self) -> FastAPI:
         return http_app(self.frontend, assign_request_ids=False)  # Serve's proxy gives and echoes request ids
 

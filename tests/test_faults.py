@@ -4,19 +4,25 @@ its PID, found through Ray's state API, while it holds streaming and unary reque
 from __future__ import annotations
 
 import asyncio
+import copy
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import grpc
 import httpx
 import pytest
+import yaml
 
 from loadtest.serve_run import App, shipped_config
 from protos.diffusiongemma.v1 import diffusion_pb2 as pb
 from protos.diffusiongemma.v1 import diffusion_pb2_grpc as pb_grpc
 
+ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow  # two replicas, a kill and a restart: about a minute
 
 LONG = {"tier": "quality", "adaptive_stop": False, "max_denoising_steps": 48, "max_new_tokens": 256}
@@ -133,6 +139,95 @@ def test_a_denoiser_replica_killed_mid_load_loses_nothing_and_recovers(served):
     assert outcomes.count("retryable") + resent >= 1, "the killed replica held none of the requests: nothing proved"
 
 
+async def stream_outcome(client: httpx.AsyncClient, i: int, first_canvas: asyncio.Event) -> str:
+    """What one streaming client saw: 'complete', 'http <status>', 'ended after <event>' or a connection error."""
+    body = {"text": f"Tell me about topic {i}.", "stream": True, **LONG}
+    try:
+        async with client.stream("POST", "/v1/generate", json=body) as r:
+            if r.status_code != 200:
+                return f"http {r.status_code}"
+            last = None
+            async for line in r.aiter_lines():
+                if line.startswith("data: {"):
+                    last = json.loads(line[6:])
+                    first_canvas.set()
+            return "complete" if last and last["type"] == "final" else f"ended after {last and last['type']}"
+    except httpx.HTTPError as exc:
+        return f"connection error ({type(exc).__name__})"
+
+
+async def probe(http: str, stop: asyncio.Event) -> list[str]:
+    """New short requests, one every 0.2 s until `stop`: what each got ('200', '503 retry-after 5', ...)."""
+    seen = []
+    async with httpx.AsyncClient(base_url=http, timeout=60) as client:
+        while not stop.is_set():
+            try:
+                r = await client.post("/v1/generate", json={"text": "reverse: a b c", "tier": "fast"})
+                retry = f" retry-after {r.headers['retry-after']}" if "retry-after" in r.headers else ""
+                seen.append(f"{r.status_code}{retry}")
+            except httpx.HTTPError as exc:
+                seen.append(f"connection error ({type(exc).__name__})")
+            await asyncio.sleep(0.2)
+    return seen
+
+
+async def during(app: App, action, streams: int = 12) -> tuple[list[str], list[str], object]:
+    """Streams under way and new requests arriving while `action` (a blocking call, run in a thread) runs:
+    (the streams' outcomes, the probes' outcomes, what the action returned)."""
+    first_canvas, stop = asyncio.Event(), asyncio.Event()
+    async with httpx.AsyncClient(base_url=app.http, timeout=DEADLINE_S) as client:
+        tasks = [asyncio.ensure_future(stream_outcome(client, i, first_canvas)) for i in range(streams)]
+        await asyncio.wait_for(first_canvas.wait(), 60)
+        probes = asyncio.ensure_future(probe(app.http, stop))
+        result = await asyncio.to_thread(action)
+        outcomes = await asyncio.wait_for(asyncio.gather(*tasks), DEADLINE_S + 30)
+        await asyncio.sleep(2)  # a few requests after the action
+        stop.set()
+        return outcomes, await probes, result
+
+
+def serve_cli(app: App, tmp_path, *args: str, config: dict | None = None) -> subprocess.CompletedProcess:
+    env = os.environ | {"RAY_AUTH_MODE": "disabled"}
+    if config is not None:
+        path = tmp_path / "config.yaml"
+        path.write_text(yaml.safe_dump(config))
+        args = (*args, str(path))
+    command = [sys.executable, "-m", *args]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=180, cwd=ROOT, check=True)
+
+
+def test_a_redeploy_under_load_finishes_what_is_in_flight_and_refuses_nothing(served, tmp_path):
+    """`serve deploy` of a changed config: Serve starts new replicas and drains the old ones."""
+    app: App = served.get(shipped_config())
+    changed = copy.deepcopy(app.config)
+    changed["applications"][0]["args"]["pools"]["cpu"]["max_queue"] = 60
+    deploy = lambda: serve_cli(app, tmp_path, "ray.serve.scripts", "deploy", "-a", app.dashboard(), config=changed)  # noqa: E731
+    outcomes, probes, _ = asyncio.run(during(app, deploy))
+    served.stop()  # the app now runs another config than the one it was started with
+    print(f"redeploy: streams {sorted(set(outcomes))}, new requests {sorted(set(probes))} ({len(probes)})")
+    assert outcomes == ["complete"] * len(outcomes)
+    assert probes and set(probes) == {"200"}
+
+
+def test_a_drain_then_shutdown_refuses_new_requests_with_503_and_cuts_nothing(served, tmp_path):
+    """deploy/drain.py: the router refuses new requests (503 Retry-After), the streams in flight finish, and
+    only then are the apps deleted."""
+    app: App = served.get(shipped_config())
+    drain = lambda: serve_cli(app, tmp_path, "deploy.drain", "--dashboard", app.dashboard(), "--http", app.http,  # noqa: E731
+                              "--timeout", "60", "--shutdown", config=app.config)  # fmt: skip
+    outcomes, probes, done = asyncio.run(during(app, drain))
+    served.stop()
+    result = json.loads(done.stdout.splitlines()[-1])
+    print(f"drain: {result}; streams {sorted(set(outcomes))}, new requests {sorted(set(probes))} ({len(probes)})")
+    assert result["drained"] is True and result["in_flight"] == 0
+    assert outcomes == ["complete"] * len(outcomes)
+    assert "503 retry-after 5" in probes  # refused while draining, with a hint
+    # before the drain took effect: answered; once Serve shuts down: no route (404), then no proxy
+    assert set(probes) <= {"200", "503 retry-after 5", "404", "connection error (ConnectError)"}, probes
+    first_503 = probes.index("503 retry-after 5")
+    assert "200" not in probes[first_503:], "a request was answered after the drain began"
+
+
 def test_the_router_replica_killed_mid_load_recovers_and_no_client_hangs(served):
     """The Ingress (router) replica killed under load: what in-flight clients see is recorded (docs/fleet.md),
     none hangs past its deadline, and new requests succeed once Serve has restarted the router."""
@@ -142,21 +237,6 @@ def test_the_router_replica_killed_mid_load_recovers_and_no_client_hangs(served)
         assert time.monotonic() < deadline, "the app did not come up"
         time.sleep(1)
     (router,) = app.running_replica_pids("Ingress")
-
-    async def stream_outcome(client: httpx.AsyncClient, i: int, first_canvas: asyncio.Event) -> str:
-        body = {"text": f"Tell me about topic {i}.", "stream": True, **LONG}
-        try:
-            async with client.stream("POST", "/v1/generate", json=body) as r:
-                if r.status_code != 200:
-                    return f"http {r.status_code}"
-                last = None
-                async for line in r.aiter_lines():
-                    if line.startswith("data: {"):
-                        last = json.loads(line[6:])
-                        first_canvas.set()
-                return "complete" if last and last["type"] == "final" else f"ended after {last and last['type']}"
-        except httpx.HTTPError as exc:
-            return f"connection error ({type(exc).__name__})"
 
     async def load_and_kill() -> tuple[list[str], float]:
         first_canvas = asyncio.Event()

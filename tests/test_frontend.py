@@ -75,6 +75,7 @@ async def service(fault: str | None = None, registry: CollectorRegistry | None =
     spare = await local_replica(config.model, pool.model_dump(), pool_name) if fault and "lost" in fault else None
     recording = RecordingPool(server, fault, spare)
     frontend = Frontend(config, {pool_name: recording}, registry=registry or CollectorRegistry())
+    recording.frontend = frontend  # the front end over it: a test may drain it
     grpc_server = grpc.aio.server()
     pb_grpc.add_DiffusionServiceServicer_to_server(DiffusionServicer(frontend), grpc_server)
     port = grpc_server.add_insecure_port("127.0.0.1:0")
@@ -237,6 +238,42 @@ def test_a_replica_lost_after_a_canvas_is_a_retryable_error():
     assert streamed.text.rstrip().endswith("data: [DONE]")
     assert rpc_error.code() == grpc.StatusCode.UNAVAILABLE
     assert sent == 3  # a canvas had gone out: no second sending
+
+
+def test_draining_refuses_new_requests_with_a_retry_hint_and_lets_those_in_flight_finish():
+    """What deploy/drain.py sets on every router replica (Ingress.reconfigure) before a shutdown."""
+    from serving.ingress import Ingress
+
+    async def main():
+        async with service(fault="hold") as (http, stub, pool, _):
+            body = {"text": "reverse: a b c", "tier": "fast", "seed": 0}
+            in_flight = asyncio.ensure_future(http.post("/v1/generate", json=body | {"stream": True}))
+            while not pool.payloads:
+                await asyncio.sleep(0.01)
+            router = Ingress.__new__(Ingress)  # the deployment class's hook, over this front end
+            router.frontend = pool.frontend
+            router.reconfigure({"draining": True})
+            refused = await http.post("/v1/generate", json=body)
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await stub.Generate(pb.GenerateRequest(text="reverse: a b c", tier="fast"))
+            ready, health = await http.get("/ready"), await http.get("/health")
+            pool.release.set()
+            finished = await in_flight
+            router.reconfigure({"draining": False})
+            after = await http.post("/v1/generate", json=body)
+            return refused, err.value, ready, health, finished, after, len(pool.payloads)
+
+    refused, rpc_error, ready, health, finished, after, sent = run(main())
+    assert refused.status_code == 503 and refused.headers["retry-after"] == "5"
+    assert "draining" in refused.json()["error"]["message"]
+    assert rpc_error.code() == grpc.StatusCode.UNAVAILABLE
+    assert dict(rpc_error.trailing_metadata())["retry-after-s"] == "5.0"
+    assert ready.status_code == 503 and ready.json()["status"] == "draining"
+    assert ready.json()["pools"]["cpu"]["live_requests"] == 1  # the request in flight, which a drain waits for
+    assert health.status_code == 200
+    assert sse_events(finished.text)[-1]["type"] == "final"
+    assert after.status_code == 200 and after.json()["text"].split() == ["c", "b", "a"]
+    assert sent == 2  # the refused requests never reached the pool
 
 
 def test_an_unreachable_pool_is_503_and_unavailable():
