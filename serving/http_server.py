@@ -12,6 +12,7 @@ appear twice). That id is the engine's. Errors are OpenAI-style JSON:
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict
@@ -49,7 +50,8 @@ _ERROR_TYPES = {
     429: "rate_limit_error",
     503: "service_unavailable",
 }
-OPENAI_FINISH = {"eos": "stop"}  # the engine's "length" and "cancelled" keep their names
+OPENAI_FINISH = {"eos": "stop"}
+log = logging.getLogger("ray.serve")  # the engine's "length" and "cancelled" keep their names
 
 
 class RequestIds:
@@ -105,7 +107,7 @@ class Gate:
             return await too_large()
         body, more = b"", True
         while more:  # the body, whole, up to the limit (bodies here are prompts: kilobytes)
-            message = await receive()
+            message = await received(receive)
             if message["type"] == "http.disconnect":
                 return
             body += message.get("body", b"")
@@ -119,9 +121,22 @@ class Gate:
             if not replayed:
                 replayed = True
                 return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()  # after the body: the client's disconnect, when it comes
+            return await received(receive)  # after the body: the client's disconnect, when it comes
 
         await self.app(scope, replay, send)
+
+
+async def received(receive: Receive) -> Message:
+    """The next ASGI message; a receive that fails is the client gone. Under Serve the replica's receive raises
+    where the client left (TaskCancelledError: the proxy cancelled its call; ActorDiedError: the proxy itself
+    went away) instead of giving `http.disconnect`, and left unhandled that became a traceback in the log for
+    every ordinary disconnect. As a disconnect, the response stops and the request is cancelled; Serve's proxy
+    logs the one line ("Client for request ... disconnected")."""
+    try:
+        return await receive()
+    except Exception as exc:
+        log.debug("receive failed (%s): the client is gone", type(exc).__name__)
+        return {"type": "http.disconnect"}
 
 
 def error_response(

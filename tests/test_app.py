@@ -5,7 +5,9 @@ package on /v1, httpx for the native routes and the errors, the generated gRPC s
 from __future__ import annotations
 
 import asyncio
+import json
 import math
+import random
 import time
 
 import grpc
@@ -285,6 +287,62 @@ def test_overload_gets_429_and_disconnects_free_their_slots(app):
             pb.GenerateRequest(text="reverse: a b c", tier="fast", seed=0), timeout=60
         )
         assert reply.text.split() == ["c", "b", "a"]
+
+
+def test_disconnects_and_cancellations_at_random_points_never_leak_a_slot(app):
+    """Clients that leave before acceptance, between canvases or during drafts, on both protocols: after each,
+    the load report shows every slot free and nothing queued; and a disconnect is one log line, no traceback."""
+    rng = random.Random(7)
+    logged_before = len(app.log.read_text())
+
+    async def http_leave(point: str, after: int) -> None:
+        body = {"text": f"Tell me about point {after}.", "stream": True, "stream_drafts": point == "draft", **LONG}
+        async with httpx.AsyncClient(base_url=app.http, timeout=60) as client:
+            if point == "before":  # gone while the request is on its way to the replica
+                task = asyncio.ensure_future(client.post("/v1/generate", json=body))
+                await asyncio.sleep(after / 1000)
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+                return
+            seen = 0
+            async with client.stream("POST", "/v1/generate", json=body) as r:
+                async for line in r.aiter_lines():
+                    if line.startswith("data: {") and json.loads(line[6:])["type"] == point:
+                        seen += 1
+                        if seen > after:
+                            return  # leaving the block closes the connection mid-stream
+
+    async def grpc_leave(point: str, after: int) -> None:
+        sampler = pb.SamplerOverrides(adaptive_stop=False, max_denoising_steps=48)
+        req = pb.GenerateRequest(text=f"Explain point {after}.", tier="quality", max_new_tokens=256,
+                                 sampler=sampler, stream_drafts=point == "draft")  # fmt: skip
+        async with grpc.aio.insecure_channel(app.grpc_target) as channel:
+            call = pb_grpc.DiffusionServiceStub(channel).GenerateStream(req)
+            if point == "before":
+                await asyncio.sleep(after / 1000)
+                call.cancel()
+                return
+            seen = 0
+            async for chunk in call:
+                if chunk.WhichOneof("kind") == point:
+                    seen += 1
+                    if seen > after:
+                        call.cancel()
+                        return
+
+    leaves = [(proto, point) for proto in ("http", "grpc") for point in ("before", "canvas", "draft") for _ in range(3)]
+    for proto, point in leaves:
+        after = rng.randint(0, 30) if point == "before" else rng.randint(0, 3)
+        asyncio.run(asyncio.wait_for((http_leave if proto == "http" else grpc_leave)(point, after), 60))
+        load = wait_idle(app, 30)
+        assert load["free_slots"] == POOL["slots"], (proto, point, after, load)
+
+    time.sleep(3)  # the replicas' log lines reach the serve run's log through Ray's log monitor
+    logged = app.log.read_text()[logged_before:]
+    # the router's and the pool's lines (Serve's own gRPC proxy logs "Task exception was never retrieved" for some
+    # cancelled calls, in Ray's code: docs/fleet.md)
+    ours = "\n".join(line for line in logged.splitlines() if "ServeReplica:" in line)
+    assert "Traceback" not in ours and "Error" not in ours, ours[-3000:]
 
 
 # ---------------------------------------------------------------- API keys through Serve's proxies
