@@ -14,6 +14,8 @@ streaming) and GrpcUser (Generate and GenerateStream). Options, also read from t
   `long` for four (default short:3,long:1)
 - `--grpc-host` / LOCUST_GRPC_HOST: host:port of Serve's gRPC proxy (default 127.0.0.1:9000)
 - `--app-name` / LOCUST_APP_NAME: the Serve application gRPC calls name in metadata (default diffusiongemma)
+- `--pace` / LOCUST_PACE: seconds between the starts of one user's requests (default 0: back to back); users / pace
+  is the offered rate even where most requests are refused at once (an overload test)
 - `--completion-template` / LOCUST_COMPLETION_TEMPLATE: a user turn with `{prompt}`, for /v1/completions (which
   takes its prompt as is; the default is the embedded model's chat template)
 
@@ -95,7 +97,18 @@ def _options(parser) -> None:
     parser.add_argument("--prompt-mix", env_var="LOCUST_PROMPT_MIX", default="short:3,long:1")
     parser.add_argument("--grpc-host", env_var="LOCUST_GRPC_HOST", default="127.0.0.1:9000")
     parser.add_argument("--app-name", env_var="LOCUST_APP_NAME", default="diffusiongemma")
+    parser.add_argument("--pace", env_var="LOCUST_PACE", type=float, default=0.0)
     parser.add_argument("--completion-template", env_var="LOCUST_COMPLETION_TEMPLATE", default=EMBEDDED_TURN)
+
+
+def paced(user: User) -> float:
+    """The wait before a user's next request: its requests start `--pace` seconds apart, or back to back where
+    one took longer (locust's constant_pacing, with the pace from the command line)."""
+    opts = user.environment.parsed_options
+    pace = getattr(opts, "pace", 0.0) if opts else 0.0
+    now = time.perf_counter()
+    user.next_start = max(now, getattr(user, "next_start", now) + pace)
+    return user.next_start - now
 
 
 class Workload:
@@ -152,6 +165,7 @@ class ServeHttpUser(HttpUser):
     the answer's content checked. A subclass says how to send one request in `send`."""
 
     abstract = True
+    wait_time = paced
 
     def on_start(self) -> None:
         self.workload = Workload(self.environment)
@@ -285,6 +299,8 @@ class NativeUser(ServeHttpUser):
 
 class GrpcUser(User):
     """Serve's gRPC proxy, through the generated stub on a gevent-friendly channel; events fired by hand."""
+
+    wait_time = paced
 
     def on_start(self) -> None:
         opts = self.environment.parsed_options

@@ -99,6 +99,10 @@ class Pool(Strict):
     max_queue: int = Field(64, ge=0)  # waiting requests per replica before 429 / RESOURCE_EXHAUSTED
     # the most of max_queue one tier may hold where tiers share the pool (the rest stays open to the others)
     tier_queue_share: float = Field(1.0, gt=0, le=1)
+    # bound on admitted requests' latency under overload: a replica holds (live and queued) only as many
+    # requests as keep each within this factor of its time alone, measured (serving/latency_cap.py); more get
+    # 429. None: slots and max_queue alone (the most throughput; under overload the latency grows with the batch)
+    max_slowdown: float | None = Field(None, gt=1)
     max_batch_rows: int | None = Field(None, ge=1)
     num_gpus: float = Field(0, ge=0)
     num_cpus: float = Field(1, ge=0)

@@ -14,6 +14,7 @@ changes a request's phase itself.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 from prometheus_client import CollectorRegistry
 
 from model.denoiser import Denoiser
+from serving.latency_cap import LatencyCap
 from serving.metrics import engine_metrics
 from serving.request import (
     CanvasEvent,
@@ -101,13 +103,16 @@ class Engine:
         name: str = "default",
         registry: CollectorRegistry | None = None,  # None: Ray's metrics in a Ray process, else the default
         stuck_after_s: float = 120.0,
+        max_slowdown: float | None = None,
     ):
-        """`row_buckets` pads every denoising forward up to the next listed row count (serving/runner.py)."""
+        """`row_buckets` pads every denoising forward up to the next listed row count (serving/runner.py);
+        `max_slowdown` caps the requests held by the latency they would see (serving/latency_cap.py)."""
         self.denoiser = denoiser
         self.runner = ModelRunner(denoiser, row_buckets)
         slots = self.runner.slots
         rows = min(max_batch_rows or slots, slots)
         self.scheduler = Scheduler(slots, rows, max_queue, max_prefill_tokens, tier_queue_share)
+        self.cap = LatencyCap(max_slowdown, slots) if max_slowdown is not None else None
         self.name = name
         self.stuck_after_s = stuck_after_s
         self.metrics = engine_metrics(registry)
@@ -151,10 +156,13 @@ class Engine:
             self.metrics.requests.labels(self.name, "rejected").inc()
             raise
         job = Job(request, self.denoiser.canvas_length)
-        refused = self.scheduler.submit(job)
+        limit = self.cap.limit() if self.cap is not None else None
+        refused = self.scheduler.submit(job, limit)
         if refused is not None:
             self.metrics.requests.labels(self.name, "overloaded").inc()
-            if refused == "tier_share":
+            if refused == "latency":
+                message = f"the replica holds as many requests as its latency bound allows ({limit})"
+            elif refused == "tier_share":
                 message = f"tier {request.tier!r} holds its share of the queue ({self.scheduler.tier_places} waiting)"
             else:
                 message = f"the queue is full ({self.scheduler.max_queue} requests waiting)"
@@ -188,7 +196,12 @@ class Engine:
         return True
 
     def load(self) -> Load:
-        return self.scheduler.load()
+        """The scheduler's load; with a latency cap, the free slots the cap leaves (what routers read)."""
+        load = self.scheduler.load()
+        if self.cap is None:
+            return load
+        room = max(0, self.cap.limit() - load.live_requests - load.queue_depth)
+        return dataclasses.replace(load, free_slots=min(load.free_slots, room))
 
     def work(self) -> list[int]:
         """Steps left per live and queued request (the router's view of what a new request would share)."""
@@ -272,6 +285,8 @@ class Engine:
         self.iterations += 1
         self.busy_s += took
         self._iteration_s += 0.1 * (took - self._iteration_s)
+        if self.cap is not None:
+            self.cap.observe(rows, took)
         m = self.metrics
         if rows:
             m.batch_rows.labels(self.name).observe(rows)

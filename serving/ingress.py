@@ -7,6 +7,7 @@ request router (serving/routing.py) picks the replica. Nothing here imports torc
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -23,6 +24,17 @@ from serving.http_server import http_app
 
 class StreamFailed(RuntimeError):
     """A gRPC stream ended with an error code set on its context."""
+
+
+class QuietStreamFailed(logging.Filter):
+    """Serve logs every exception a replica method raises as "Request failed." with its traceback. StreamFailed
+    is no failure of ours: it is how a stream's refusal (429, 400, 503 ...) reaches the client as a status code,
+    and the access log line already shows the request. Without this, every refused gRPC stream wrote a
+    traceback (and under overload formatting them cost the router CPU)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not (exc is not None and (isinstance(exc, StreamFailed) or isinstance(exc.__cause__, StreamFailed)))
 
 
 class ServePool:
@@ -45,6 +57,7 @@ class ServePool:
 
 class Ingress:
     def __init__(self, config: dict, pools: dict[str, DeploymentHandle]):
+        logging.getLogger("ray.serve").addFilter(QuietStreamFailed())
         self.frontend = Frontend(AppConfig(**config), {name: ServePool(h) for name, h in pools.items()})
         self.servicer = DiffusionServicer(self.frontend)
         self.health = HealthService(self.frontend)

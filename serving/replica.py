@@ -57,6 +57,7 @@ class DenoiserServer:
             max_batch_rows=spec.max_batch_rows,
             max_queue=spec.max_queue,
             tier_queue_share=spec.tier_queue_share,
+            max_slowdown=spec.max_slowdown,
             row_buckets=buckets,
             name=pool_name,
         )

@@ -174,8 +174,11 @@ class Scheduler:
 
     # ---------------------------------------------------------------- arrivals and cancels
 
-    def submit(self, job: Job) -> str | None:
-        """Queue a job; None if queued, else why not ("queue_full" or "tier_share")."""
+    def submit(self, job: Job, limit: int | None = None) -> str | None:
+        """Queue a job; None if queued, else why not ("queue_full", "tier_share", or "latency": the replica
+        holds `limit` requests, live and queued)."""
+        if limit is not None and len(self.live) + len(self.queue) >= limit:
+            return "latency"
         if len(self.queue) >= self.max_queue:
             return "queue_full"
         if sum(j.request.tier == job.request.tier for j in self.queue) >= self.tier_places:

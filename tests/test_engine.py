@@ -415,3 +415,51 @@ def test_a_second_request_under_a_live_id_is_refused(net):
     twice, final, again = run(main())
     assert twice.field == "request_id"
     assert isinstance(final, FinalEvent) and isinstance(again, FinalEvent)
+
+
+def test_the_latency_cap_follows_the_cost_of_a_row():
+    from serving.latency_cap import LatencyCap
+
+    cpu = LatencyCap(max_slowdown=2.0, slots=32)
+    assert cpu.limit() == 32  # nothing measured yet
+    cpu.observe(4, 0.05)
+    assert cpu.limit() == 32  # one row count: no slope yet
+    for rows in (1, 2, 4, 8):
+        for _ in range(50):
+            cpu.observe(rows, 0.01 + 0.01 * rows)  # a forward costs in proportion to its rows
+    assert cpu.limit() == 3  # t(3) = 0.04 = 2 * t(1)
+    gpu = LatencyCap(max_slowdown=2.0, slots=32)
+    for rows in (1, 4, 16, 32):
+        gpu.observe(rows, 0.015 + 0.0001 * rows)  # a forward reads the weights once, whatever its rows
+    assert gpu.limit() == 32
+    tight = LatencyCap(max_slowdown=1.01, slots=32)
+    for rows in (1, 2):
+        tight.observe(rows, rows * 1.0)
+    assert tight.limit() == 1  # never below one request
+
+
+def test_a_replica_at_its_latency_cap_refuses_with_a_retry_hint_and_routers_see_no_room(net):
+    C = net.config.canvas_length
+
+    async def main():
+        engine = make_engine(net, slots=4, max_queue=8, max_slowdown=2.0)
+        for rows in (1, 2, 3, 4):  # as if measured: each row costs as much as a lone forward
+            for _ in range(50):
+                engine.cap.observe(rows, 0.01 * rows)
+        assert engine.cap.limit() == 2
+        held = [
+            engine.submit(GenerateRequest([2, 3], C, SamplerSettings(max_denoising_steps=2), seed=i)) for i in (1, 2)
+        ]
+        assert engine.load().free_slots == 0  # the cap leaves no room, though two slots are free
+        with pytest.raises(Overloaded, match="latency bound") as over:
+            engine.submit(GenerateRequest([2, 3], C))
+        assert over.value.retry_after_s >= 1
+        engine.start()
+        finals = [(await collect(s))[2] for s in held]
+        after = engine.submit(GenerateRequest([2, 3], C, SamplerSettings(max_denoising_steps=2), seed=3))
+        last = (await collect(after))[2]
+        await engine.stop()
+        return finals, last
+
+    finals, last = run(main())
+    assert all(isinstance(f, FinalEvent) for f in finals) and isinstance(last, FinalEvent)
