@@ -254,12 +254,13 @@ def drained_after(app: App, timeout_s: float = 120) -> float | None:
     return None
 
 
-def overload(app: App, tally: Tally, seconds: int, work: Path) -> dict:
+def overload(app: App, tally: Tally, seconds: int, work: Path, phase_s: int = 20) -> dict:
     pids = app.running_replica_pids("Denoiser-cpu") + app.running_replica_pids("Ingress")
-    rss_before = rss_mb(pids)
-    unloaded = locust(app, work / "unloaded", users=2, seconds=20)  # one user of each protocol
-    sustained = locust(app, work / "sustained", users=32, seconds=20)
-    rate = answered(sustained) / 20
+    rss_cold = rss_mb(pids)
+    unloaded = locust(app, work / "unloaded", users=2, seconds=phase_s)  # one user of each protocol
+    sustained = locust(app, work / "sustained", users=32, seconds=phase_s)
+    rss_before = rss_mb(pids)  # warm: every code path and batch size has run
+    rate = answered(sustained) / phase_s
     users = 96
     pace = users / (10 * rate)
     samples: list[float] = []
@@ -294,7 +295,12 @@ def overload(app: App, tally: Tally, seconds: int, work: Path) -> dict:
         "unloaded_p99_ms": percentile(base, 0.99),
         "admitted_p99_ms": percentile(admitted, 0.99) if admitted else None,
         "p99_ratio": round(percentile(admitted, 0.99) / percentile(base, 0.99), 2) if admitted else None,
-        "rss_mb": {"before": rss_before, "during_max": max(samples, default=None), "after": rss_after},
+        "rss_mb": {
+            "cold": rss_cold,
+            "before": rss_before,
+            "during_max": max(samples, default=None),
+            "after": rss_after,
+        },  # fmt: skip
         "drained_s": drained_s,
     }
 
@@ -418,16 +424,17 @@ def fuzz(app: App, tally: Tally, examples: int) -> dict:
 # ---------------------------------------------------------------- the run
 
 
-def config(slots: int, max_queue: int, max_slowdown: float | None) -> dict:
+def config(slots: int, max_queue: int, max_slowdown: float | None, replicas: int = 2) -> dict:
     cfg = shipped_config()
     pool = cfg["applications"][0]["args"]["pools"]["cpu"]
-    pool.update(replicas=2, threads=1, slots=slots, max_queue=max_queue, max_slowdown=max_slowdown)
+    pool.update(replicas=replicas, threads=1, slots=slots, max_queue=max_queue, max_slowdown=max_slowdown)
     return cfg
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--overload-s", type=int, default=60, help="seconds at about 10x the sustainable rate")
+    parser.add_argument("--phase-s", type=int, default=20, help="seconds of the unloaded and sustainable phases")
     parser.add_argument("--fuzz", type=int, default=300, help="generated requests per protocol")
     parser.add_argument("--slots", type=int, default=8, help="slots per replica (the shipped config: 32)")
     parser.add_argument("--max-queue", type=int, default=8, help="queue places per replica (shipped: 64)")
@@ -444,7 +451,7 @@ def main(argv: list[str] | None = None) -> None:
         for name in chosen:
             print(f"{name} ...", file=sys.stderr, flush=True)
             if name == "overload":
-                results[name] = overload(app, tally, args.overload_s, Path(tmp))
+                results[name] = overload(app, tally, args.overload_s, Path(tmp), args.phase_s)
             elif name == "denoiser_killed":
                 results[name] = fault(app, tally, "Denoiser-cpu")
             elif name == "router_killed":
