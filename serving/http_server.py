@@ -50,8 +50,8 @@ _ERROR_TYPES = {
     429: "rate_limit_error",
     503: "service_unavailable",
 }
-OPENAI_FINISH = {"eos": "stop"}
-log = logging.getLogger("ray.serve")  # the engine's "length" and "cancelled" keep their names
+OPENAI_FINISH = {"eos": "stop"}  # the engine's "length" and "cancelled" keep their names
+log = logging.getLogger("ray.serve")
 
 
 class RequestIds:

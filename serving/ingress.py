@@ -37,6 +37,9 @@ class QuietStreamFailed(logging.Filter):
         return not (exc is not None and (isinstance(exc, StreamFailed) or isinstance(exc.__cause__, StreamFailed)))
 
 
+QUIET_STREAM_FAILED = QuietStreamFailed()  # one instance: adding it again is a no-op
+
+
 class ServePool:
     """A pool's Denoiser deployment, reached through its handle (streaming)."""
 
@@ -57,7 +60,7 @@ class ServePool:
 
 class Ingress:
     def __init__(self, config: dict, pools: dict[str, DeploymentHandle]):
-        logging.getLogger("ray.serve").addFilter(QuietStreamFailed())
+        logging.getLogger("ray.serve").addFilter(QUIET_STREAM_FAILED)
         self.frontend = Frontend(AppConfig(**config), {name: ServePool(h) for name, h in pools.items()})
         self.servicer = DiffusionServicer(self.frontend)
         self.health = HealthService(self.frontend)
