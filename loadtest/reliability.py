@@ -1,15 +1,17 @@
 """The reliability report: overload, faults and hostile input against `serve run` of deploy/config.yaml (the
-embedded model, its pool at two replicas of one thread), loopback only, bounded (about 7 minutes on 2 cores).
+embedded model; its pool at 8 slots and 8 queue places per replica of one thread, with a latency bound of 2x),
+loopback only, bounded (about 8 minutes on 2 cores).
 
     python -m loadtest.reliability                          # every scenario
     python -m loadtest.reliability --overload-s 60 --fuzz 400 --scenarios overload,fuzz
+    python -m loadtest.reliability --scenarios overload --overload-mix fast:3,balanced:2,quality:1/short:3,long:1
 
 Scenarios, in order:
-- overload: locust (loadtest/locustfile.py, native HTTP and gRPC users, the default tier and prompt mixes) first
-  unloaded (1 user), then at the sustainable rate (32 users back to back: its answers per second are the rate),
-  then at about 10x that rate for `--overload-s` (paced users). Reported: the refusals' latency, admitted
-  requests' p99 against the unloaded p99, the replicas' resident memory before, during and after, and how long
-  the queues take to drain to zero.
+- overload (one replica): locust (loadtest/locustfile.py, native HTTP and gRPC users; quality answers to long
+  prompts unless --overload-mix says otherwise) first unloaded (2 users), then at the sustainable rate (32 users
+  back to back: its answers per second are the rate), then at about 10x that rate for `--overload-s` (paced
+  users). Reported: the refusals' latency, admitted requests' p99 against the unloaded p99, the replicas' and
+  router's resident memory before, during and after, and how long the queues take to drain to zero.
 - denoiser_killed / router_killed: streams and unary calls of both protocols under way when a Denoiser replica's
   (or the router's) process is killed by its PID; then time until Serve has replaced it and a request succeeds.
 - fuzz: hypothesis-generated hostile HTTP bodies and gRPC messages (loadtest/hostile.py) through Serve's proxies.
@@ -166,12 +168,29 @@ async def grpc_call(target: str, i: int, stream: bool) -> str:
 # ---------------------------------------------------------------- overload
 
 
-def locust(app: App, out: Path, users: int, seconds: int, pace: float = 0.0) -> dict:
+@dataclass(frozen=True)
+class Mix:
+    """What the locust users ask for (loadtest/locustfile.py's --tier-mix and --prompt-mix)."""
+
+    tiers: str
+    prompts: str
+
+
+# Quality answers to the longer prompts: each request's denoising outweighs its routing, as it does with the full
+# model on a GPU (seconds of forwards against milliseconds of routing). The embedded model's fast answers to short
+# prompts take about as long to denoise as Serve takes to route them, so with that mix the test would measure the
+# router's CPU on 2 cores, not overload (docs/fleet.md has both).
+HEAVY = Mix("quality:1", "long:1")
+LOCUST_DEFAULT = Mix("fast:3,balanced:2,quality:1", "short:3,long:1")
+
+
+def locust(app: App, out: Path, users: int, seconds: int, pace: float = 0.0, mix: Mix = LOCUST_DEFAULT) -> dict:
     """A headless locust run (bounded; it stops by itself): its JSON rows by (type, name), and its failures."""
     cmd = [
         sys.executable, "-m", "locust", "-f", "loadtest/locustfile.py", "--headless", *LOCUST_USERS,
         "-u", str(users), "-r", str(max(1, users // 2)), "-t", f"{seconds}s", "--stop-timeout", "60",
         "--host", app.http, "--grpc-host", app.grpc_target, "--pace", str(pace),
+        "--tier-mix", mix.tiers, "--prompt-mix", mix.prompts,
         "--csv", str(out), "--json-file", str(out), "--only-summary",
     ]  # fmt: skip
     subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=seconds + 180)
@@ -254,11 +273,11 @@ def drained_after(app: App, timeout_s: float = 120) -> float | None:
     return None
 
 
-def overload(app: App, tally: Tally, seconds: int, work: Path, phase_s: int = 20) -> dict:
+def overload(app: App, tally: Tally, seconds: int, work: Path, phase_s: int = 20, mix: Mix = HEAVY) -> dict:
     pids = app.running_replica_pids("Denoiser-cpu") + app.running_replica_pids("Ingress")
     rss_cold = rss_mb(pids)
-    unloaded = locust(app, work / "unloaded", users=2, seconds=phase_s)  # one user of each protocol
-    sustained = locust(app, work / "sustained", users=32, seconds=phase_s)
+    unloaded = locust(app, work / "unloaded", users=2, seconds=phase_s, mix=mix)  # one user of each protocol
+    sustained = locust(app, work / "sustained", users=32, seconds=phase_s, mix=mix)
     rss_before = rss_mb(pids)  # warm: every code path and batch size has run
     rate = answered(sustained) / phase_s
     users = 96
@@ -272,7 +291,7 @@ def overload(app: App, tally: Tally, seconds: int, work: Path, phase_s: int = 20
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
-    loaded = locust(app, work / "overload", users=users, seconds=seconds, pace=pace)
+    loaded = locust(app, work / "overload", users=users, seconds=seconds, pace=pace, mix=mix)
     stop.set()
     sampler.join()
     drained_s = drained_after(app)
@@ -284,6 +303,8 @@ def overload(app: App, tally: Tally, seconds: int, work: Path, phase_s: int = 20
     base, admitted = times_ms(unloaded["rows"], ADMITTED), times_ms(loaded["rows"], ADMITTED)
     offered = sum(r["num_requests"] for k, r in loaded["rows"].items() if k[0] != "STREAM") / seconds
     return {
+        "mix": {"tiers": mix.tiers, "prompts": mix.prompts},
+        "replicas": len(app.running_replica_pids("Denoiser-cpu")),
         "sustainable_rate_rps": round(rate, 2),
         "offered_rate_rps": round(offered, 1),
         "users": users,
@@ -439,6 +460,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--slots", type=int, default=8, help="slots per replica (the shipped config: 32)")
     parser.add_argument("--max-queue", type=int, default=8, help="queue places per replica (shipped: 64)")
     parser.add_argument("--max-slowdown", type=float, default=2.0, help="the pool's latency bound (0: none)")
+    parser.add_argument("--overload-mix", help="TIERS/PROMPTS for locust (default quality:1/long:1)")
     parser.add_argument("--scenarios", default=",".join(SCENARIOS), help=f"some of {','.join(SCENARIOS)}")
     args = parser.parse_args(argv)
     chosen = [s.strip() for s in args.scenarios.split(",") if s.strip()]
@@ -446,12 +468,16 @@ def main(argv: list[str] | None = None) -> None:
     if unknown:
         parser.error(f"--scenarios: unknown {sorted(unknown)}; choose from {SCENARIOS}")
     tally, results = Tally(), {}
+    slowdown = args.max_slowdown or None
+    mix = Mix(*args.overload_mix.split("/")) if args.overload_mix else HEAVY
     with tempfile.TemporaryDirectory(prefix="reliability") as tmp, ServeRun(Path(tmp)) as runs:
-        app = runs.get(config(args.slots, args.max_queue, args.max_slowdown or None))
         for name in chosen:
             print(f"{name} ...", file=sys.stderr, flush=True)
+            # overload: one replica, so that the router, Serve's proxy and locust have the other core to themselves;
+            # the faults: two, so that a request can be sent again to the one that lives
+            app = runs.get(config(args.slots, args.max_queue, slowdown, replicas=1 if name == "overload" else 2))
             if name == "overload":
-                results[name] = overload(app, tally, args.overload_s, Path(tmp), args.phase_s)
+                results[name] = overload(app, tally, args.overload_s, Path(tmp), args.phase_s, mix)
             elif name == "denoiser_killed":
                 results[name] = fault(app, tally, "Denoiser-cpu")
             elif name == "router_killed":
