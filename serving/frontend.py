@@ -50,11 +50,6 @@ from serving.request import (
 )
 
 REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
-# After a pool refuses a tier's request as overloaded, this router refuses that tier's next requests to the pool
-# itself, without sending them, until one of its requests on the pool ends (room may have opened) or this long
-# has passed (room opened by other routers' requests). Under overload most requests are refused: sending each
-# to a replica only to hear "full" again costs the router a handle call and the replica a turn of its loop.
-SHED_WINDOW_S = 0.1
 log = logging.getLogger("ray.serve")
 
 
@@ -215,7 +210,6 @@ class Frontend:
         self.max_new_default = config.max_new_tokens or ckpt.generation.max_new_tokens
         self.metrics = frontend_metrics(registry)
         self.gate = KeyGate(config.auth) if config.auth is not None else None
-        self.full: dict[tuple[str, str], tuple[float, Overloaded]] = {}  # (pool, tier) -> (until, its refusal)
         # Set on every router replica at once through Serve's user_config (deploy/drain.py): new requests are
         # refused, /ready and the gRPC readiness check say NOT ready, requests in flight run to their end.
         self.draining = False
@@ -326,25 +320,15 @@ class Frontend:
             request_id=request_id,
             tier=name,
         )
-        shed = self.full.get((tier.pool, name))
-        if shed is not None and time.monotonic() < shed[0]:
-            raise Overloaded(str(shed[1]), shed[1].retry_after_s)
         grant = None if key_id is None else self.gate.admit(key_id, len(ids) + payload["max_new_tokens"])
         try:
             events = await self._accepted(tier.pool, payload)
-        except Overloaded as exc:
-            if grant is not None:
-                grant.release()
-            if not isinstance(exc, KeyLimited):
-                self.full[(tier.pool, name)] = (time.monotonic() + SHED_WINDOW_S, exc)
-            raise
         except Exception:
             if grant is not None:
                 grant.release()
             raise
         send = lambda: self._accepted(tier.pool, payload, tries=1)  # noqa: E731  (the one retry, when idempotent)
-        chunks = self._chunks(events, name, protocol, started, grant, send, tier.pool)
-        return Opened(request_id, name, len(ids), chunks)
+        return Opened(request_id, name, len(ids), self._chunks(events, name, protocol, started, grant, send))
 
     async def _accepted(self, pool: str, payload: dict, tries: int = 2) -> AsyncIterator[Any]:
         """The replica's event stream once it has accepted the request (its Accepted consumed). A replica that
@@ -376,13 +360,11 @@ class Frontend:
         started: float,
         grant: Grant | None = None,
         resend: Callable[[], Awaitable[AsyncIterator[Any]]] | None = None,
-        pool: str | None = None,
     ) -> AsyncIterator[Chunk]:
         """The engine's events as text, once for every protocol. Closing this (a client that went away)
         closes the replica's stream, which cancels the request in its engine. A key's grant is given back
         when the stream ends, with the tokens the request used. `resend`: where the replica is lost before
-        anything was sent on, the request is sent again once (the client sees nothing of it). When it ends,
-        its pool may have room again: the router stops refusing for it on its own (SHED_WINDOW_S)."""
+        anything was sent on, the request is sent again once (the client sees nothing of it)."""
         detok = Detokenizer(self.tokenizer)
         m, outcome, first = self.metrics, "cancelled", True  # cancelled: closed before its end (client gone)
         used = None
@@ -397,7 +379,6 @@ class Frontend:
                     text = self.tokenizer.decode(e.tokens, skip_special_tokens=True)
                     yield DraftChunk(e.canvas_index, e.step, text, e.tokens)
                 elif isinstance(e, FinalEvent):
-                    self._room(pool)
                     outcome = None  # counted now: a caller may stop reading at the final chunk
                     done = "cancelled" if e.finish_reason == "cancelled" else "ok"
                     m.requests.labels(tier, protocol, done).inc()
@@ -427,13 +408,7 @@ class Frontend:
             if grant is not None:
                 grant.release(used)  # a no-op after the final event; else the whole reservation comes back
             await events.aclose()
-            self._room(pool)
         raise EngineFailure("the stream ended without a final event")
-
-    def _room(self, pool: str | None) -> None:
-        """A request on `pool` ended: its slot is free, so this router sends the pool requests again."""
-        for key in [k for k in self.full if k[0] == pool]:
-            del self.full[key]
 
     @staticmethod
     async def _resent_once(

@@ -28,7 +28,7 @@ from serving.frontend import Frontend, LocalPool
 from serving.grpc_server import DiffusionServicer
 from serving.http_server import http_app
 from serving.replica import local_replica
-from serving.request import FinalEvent, Refusal
+from serving.request import FinalEvent
 
 ROOT = Path(__file__).resolve().parent.parent
 ARGS = yaml.safe_load((ROOT / "deploy" / "config.yaml").read_text())["applications"][0]["args"]
@@ -41,16 +41,13 @@ class RecordingPool(LocalPool):
         super().__init__(server)
         self.payloads: list[dict] = []
         self.fault = fault
-        self.release = asyncio.Event()  # fault "hold": final events wait for this; "full": room comes with it
+        self.release = asyncio.Event()  # fault "hold": final events wait for this
         self.spare = spare  # the lost-* faults: a second replica, which a request's second sending reaches
 
     async def generate(self, payload: dict) -> AsyncIterator[Any]:
         self.payloads.append(payload)
         if self.fault == "unreachable":
             raise ConnectionError("no replica")
-        if self.fault == "full" and not self.release.is_set():  # every replica full until release
-            yield Refusal("overloaded", "the queue is full", retry_after_s=2.0)
-            return
         # lost-before/after-accepting: every request's first sending dies, its second (to the spare) lives;
         # lost-after-a-canvas: every sending dies after its first canvas (and is never sent again)
         retry = self.fault in ("lost-before-accepting", "lost-after-accepting") and len(self.payloads) % 2 == 0
@@ -277,36 +274,6 @@ def test_draining_refuses_new_requests_with_a_retry_hint_and_lets_those_in_fligh
     assert sse_events(finished.text)[-1]["type"] == "final"
     assert after.status_code == 200 and after.json()["text"].split() == ["c", "b", "a"]
     assert sent == 2  # the refused requests never reached the pool
-
-
-def test_after_a_refusal_the_router_refuses_that_tier_itself_until_the_pool_has_room():
-    from serving.frontend import SHED_WINDOW_S
-
-    async def main():
-        async with service(fault="full") as (http, stub, pool, _):
-            fast = {"text": "reverse: a b c", "tier": "fast", "seed": 0}
-            seen = []
-            for _ in range(3):
-                r = await http.post("/v1/generate", json=fast)
-                seen.append((r.status_code, r.headers.get("retry-after"), len(pool.payloads)))
-            with pytest.raises(grpc.aio.AioRpcError) as err:
-                await stub.Generate(pb.GenerateRequest(text="reverse: a b c", tier="fast"))
-            seen.append((err.value.code(), None, len(pool.payloads)))
-            await asyncio.sleep(SHED_WINDOW_S * 1.5)  # the window passes: the pool is asked again
-            r = await http.post("/v1/generate", json=fast)
-            seen.append((r.status_code, r.headers.get("retry-after"), len(pool.payloads)))
-            pool.release.set()  # the pool has room; the router learns it when a request on it ends
-            other = await http.post("/v1/generate", json=fast | {"tier": "balanced"})  # not shed: another tier
-            after = await http.post("/v1/generate", json=fast)
-            return seen, other, after, len(pool.payloads)
-
-    seen, other, after, sent = run(main())
-    assert seen[0] == (429, "2", 1)  # the pool refused it
-    assert seen[1:3] == [(429, "2", 1), (429, "2", 1)]  # refused by the router with the pool's hint, not sent
-    assert seen[3] == (grpc.StatusCode.RESOURCE_EXHAUSTED, None, 1)
-    assert seen[4] == (429, "2", 2)  # after the window the pool was asked, and refused again
-    assert other.status_code == 200 and after.status_code == 200 and sent == 4  # an answer ended: sent again
-    assert after.json()["text"].split() == ["c", "b", "a"]
 
 
 def test_an_unreachable_pool_is_503_and_unavailable():
