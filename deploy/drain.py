@@ -10,8 +10,9 @@ Draining is the router deployment's user_config, `{draining: true}`, deployed wi
 app runs (so nothing else changes and nothing restarts): Serve calls `Ingress.reconfigure` on every router
 replica in place. From then on new requests get 503 with Retry-After (gRPC UNAVAILABLE), /ready answers 503
 `{"status": "draining", ...}` with the pools' loads, and this waits until no request is queued or live in any
-pool (or --timeout passes), reading /ready. With --shutdown it then deletes every app, as `serve shutdown` does.
-The last line printed is a JSON object: drained, waited_s, in_flight (left at the end).
+pool (or --timeout passes), reading /ready. With --shutdown it then deploys an empty config (Serve drains every
+replica, its proxies still relaying) and, once the apps are gone, shuts Serve down as `serve shutdown` does.
+The last line printed is a JSON object: drained, waited_s, in_flight (left at the end), stopped_s.
 """
 
 from __future__ import annotations
@@ -78,7 +79,14 @@ def drain(config: dict, dashboard: str, http: str, timeout_s: float, shutdown: b
         time.sleep(0.5)
     result = {"drained": left == 0, "waited_s": round(time.monotonic() - started, 1), "in_flight": left}
     if shutdown:
+        # /ready shows one replica's load per pool (the one the router picks), so a pool of several may still
+        # hold requests. Deleting the apps with the proxies up (an empty config) lets Serve drain every replica
+        # (graceful_shutdown_timeout_s) and relay its streams to their end; only then does Serve stop.
+        client.deploy_applications(config | {"applications": []})
+        while client.get_serve_details().get("applications") and time.monotonic() - started < 2 * timeout_s:
+            time.sleep(0.5)
         client.delete_applications()
+        result["stopped_s"] = round(time.monotonic() - started, 1)
     return result
 
 
