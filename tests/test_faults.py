@@ -166,6 +166,7 @@ def test_the_router_replica_killed_mid_load_recovers_and_no_client_hangs(served)
     seen = sorted({f"{kind}: {outcome}" for kind, outcome in outcomes})
     print(f"in-flight requests saw: {seen}; recovery {recovered_s:.1f} s")
     assert "lost" not in {outcome for _, outcome in outcomes}  # cut visibly, never silently short
-    # a stream relayed by the dead router ends at the transport, not with a 5xx (Serve's proxy answers a unary
-    # request whose router died with 500: docs/fleet.md)
-    assert not any(kind.endswith("stream") and o == "error:server_error" for kind, o in outcomes), outcomes
+    # an HTTP stream relayed by the dead router ends at the transport, not with a 5xx; Serve's proxies answer a
+    # unary HTTP request whose router died with 500, and gRPC calls sometimes with an error status other than
+    # UNAVAILABLE (docs/fleet.md)
+    assert not any(kind == "http stream" and o == "error:server_error" for kind, o in outcomes), outcomes
