@@ -181,18 +181,19 @@ class Mix:
 # prompts take about as long to denoise as Serve takes to route them, so with that mix the test would measure the
 # router's CPU on 2 cores, not overload (docs/fleet.md has both).
 HEAVY = Mix("quality:1", "long:1")
-LOCUST_DEFAULT = Mix("fast:3,balanced:2,quality:1", "short:3,long:1")
 
 
-def locust(app: App, out: Path, users: int, seconds: int, pace: float = 0.0, mix: Mix = LOCUST_DEFAULT) -> dict:
-    """A headless locust run (bounded; it stops by itself): its JSON rows by (type, name), and its failures."""
+def locust(app: App, out: Path, users: int, seconds: int, pace: float = 0.0, mix: Mix | None = None) -> dict:
+    """A headless locust run (bounded; it stops by itself): its JSON rows by (type, name), and its failures.
+    `mix`: None for the locustfile's own default mixes."""
     cmd = [
         sys.executable, "-m", "locust", "-f", "loadtest/locustfile.py", "--headless", *LOCUST_USERS,
         "-u", str(users), "-r", str(max(1, users // 2)), "-t", f"{seconds}s", "--stop-timeout", "60",
         "--host", app.http, "--grpc-host", app.grpc_target, "--pace", str(pace),
-        "--tier-mix", mix.tiers, "--prompt-mix", mix.prompts,
         "--csv", str(out), "--json-file", str(out), "--only-summary",
     ]  # fmt: skip
+    if mix is not None:
+        cmd += ["--tier-mix", mix.tiers, "--prompt-mix", mix.prompts]
     subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=seconds + 180)
     rows = {(e["method"], e["name"]): e for e in json.loads(Path(f"{out}.json").read_text())}
     with open(f"{out}_failures.csv") as f:
@@ -261,8 +262,8 @@ def rss_mb(pids: list[int]) -> float:
 
 
 def drained_after(app: App, timeout_s: float = 120) -> float | None:
-    """Seconds until the pool reports nothing queued or live six reads in a row (the router asks a replica
-    each time, so six reads see both), or None."""
+    """Seconds until the pool reports nothing queued or live six reads in a row (each read shows the replica
+    the router picks; six in a row make a pool of a few replicas unlikely to hide one still busy), or None."""
     started, clean = time.monotonic(), 0
     while time.monotonic() - started < timeout_s:
         load = app.load()
