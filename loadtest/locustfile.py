@@ -226,14 +226,14 @@ class ServeHttpUser(HttpUser):
 def check_openai(body: dict | list[dict], stream: bool, chat: bool) -> int:
     """Text present, a finish reason, usage with generated tokens: the token count, or BadAnswer."""
     if stream:
-        text = ""
+        text, finish = "", None
         for chunk in body:
             if "error" in chunk:
                 raise BadAnswer(f"in-band error: {chunk['error']}")
-            choice = chunk["choices"][0]
-            text += choice["delta"].get("content") or "" if chat else choice["text"]
-        last = body[-1]
-        finish, usage = last["choices"][0]["finish_reason"], last.get("usage")
+            for choice in chunk["choices"]:  # none in the usage chunk (stream_options.include_usage)
+                text += choice["delta"].get("content") or "" if chat else choice["text"]
+                finish = choice["finish_reason"] or finish
+        usage = body[-1].get("usage")
     else:
         choice = body["choices"][0]
         text = choice["message"]["content"] if chat else choice["text"]
@@ -273,7 +273,8 @@ class OpenAIChatUser(ServeHttpUser):
     def send(self, stream: bool) -> None:
         tier, prompt = self.workload.next()
         body = {"messages": [{"role": "user", "content": prompt.text}], "max_tokens": prompt.max_tokens}
-        body["stream"] = stream  # the last chunk carries usage
+        if stream:  # a last chunk, with no choices, carries the usage
+            body |= {"stream": True, "stream_options": {"include_usage": True}}
         self.call("/v1/chat/completions", body, tier, lambda b, s: check_openai(b, s, chat=True), stream)
 
 
@@ -287,6 +288,8 @@ class OpenAICompletionUser(ServeHttpUser):
         tier, prompt = self.workload.next()
         text = self.completion_template.format(prompt=prompt.text)  # completions take the prompt as is
         body = {"prompt": text, "max_tokens": prompt.max_tokens, "stream": stream}
+        if stream:
+            body["stream_options"] = {"include_usage": True}
         self.call("/v1/completions", body, tier, lambda b, s: check_openai(b, s, chat=False), stream)
 
 

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 
-def chat_ids(tokenizer, messages: list[dict]) -> list[int]:
-    """The chat template applied to `messages`, ending in the model turn's generation prompt."""
-    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+def chat_ids(tokenizer, messages: list[dict], tools: list[dict] | None = None, kwargs: dict | None = None) -> list[int]:
+    """The chat template applied to `messages` (and `tools`, and any template variables in `kwargs`, such as
+    `enable_thinking`), ending in the model turn's generation prompt."""
+    ids = tokenizer.apply_chat_template(messages, tools=tools or None, add_generation_prompt=True, **(kwargs or {}))
     return list(ids["input_ids"] if hasattr(ids, "keys") else ids)  # a BatchEncoding in transformers 5
 
 

@@ -16,6 +16,8 @@ FULL = "full_attention"
 # weight dtypes as configs, CLIs and the deploy config spell them (torch attribute names)
 DtypeName = Literal["float32", "bfloat16", "float16"]
 DTYPE_NAMES: tuple[str, ...] = get_args(DtypeName)
+# The most alternatives a request may ask log-probabilities of per position (OpenAI's top_logprobs limit).
+MAX_TOP_LOGPROBS = 20
 
 
 def canvas_count(max_new_tokens: int, canvas_length: int) -> int:
@@ -147,10 +149,14 @@ class TextConfig:
         )
 
 
-def _setting(default: float | int | None, doc: str, **bounds: float) -> Any:
+def _setting(
+    default: float | int | None, doc: str, open_range: tuple[float, float] | None = None, **bounds: float
+) -> Any:
     """A sampler field: its default, what it means and its bounds (pydantic's ge/gt/le names), which the
-    serving layer reads to build its request bodies, tier defaults and tier limits (serving/sampling.py)."""
-    return field(default=default, metadata={"doc": doc, "bounds": bounds})
+    serving layer reads to build its request bodies, tier defaults and tier limits (serving/sampling.py).
+    open_range: the range a tier lets requests move it within unless its deploy config says otherwise (None:
+    fixed at the tier's value)."""
+    return field(default=default, metadata={"doc": doc, "bounds": bounds, "open_range": open_range})
 
 
 @dataclass(frozen=True)
@@ -167,6 +173,10 @@ class SamplerSettings:
     stability_threshold: int = _setting(1, "steps the argmax canvas must stay unchanged to stop early", ge=0, le=4)
     # None turns adaptive stopping off: every canvas runs `max_denoising_steps` steps.
     confidence_threshold: float | None = _setting(0.005, "mean entropy under which a stable canvas stops", gt=0)
+    # OpenAI's `temperature`: every OpenAI client sends one, so tiers accept it unless configured otherwise.
+    temperature: float = _setting(
+        1.0, "multiplies the t_max -> t_min schedule; 0 takes the argmax at every position", (0.0, 2.0), ge=0, le=2
+    )
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_denoising_steps, int) or self.max_denoising_steps < 1:
@@ -179,6 +189,8 @@ class SamplerSettings:
             raise ValueError(f"stability_threshold must be an integer >= 0, got {self.stability_threshold!r}")
         if self.confidence_threshold is not None and not self.confidence_threshold > 0:
             raise ValueError(f"confidence_threshold must be > 0 or None, got {self.confidence_threshold!r}")
+        if not 0 <= self.temperature <= 2:
+            raise ValueError(f"temperature must be within [0, 2], got {self.temperature!r}")
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from model import rng
-from model.config import SamplerSettings, canvas_count, context_needed
+from model.config import MAX_TOP_LOGPROBS, SamplerSettings, canvas_count, context_needed
 from model.kv_cache import KVCache
 from model.network import Network
 from model.sampler import decide, draw, entropy_and_weights, row_max, temperature
@@ -41,10 +41,21 @@ class Generation:
 
 
 @dataclass
+class LogProbs:
+    """Log-probabilities of the argmax canvas under this step's untempered distribution (the softcapped logits),
+    for the rows that asked for them (others hold NaN and -1)."""
+
+    chosen: torch.Tensor  # [B, C] of each argmax token
+    top_ids: torch.Tensor  # [B, C, K] the K most likely tokens (K: the most any stepped row asked for)
+    top: torch.Tensor  # [B, C, K] their log-probabilities
+
+
+@dataclass
 class StepResult:
     done: list[bool]  # per stepped slot: its canvas is ready to commit
     steps: list[int]  # steps taken so far on each slot's canvas
     argmax: torch.Tensor  # [B, C] current argmax canvases (drafts)
+    logprobs: LogProbs | None = None  # when a stepped row asked for them
 
 
 class Denoiser:
@@ -89,6 +100,8 @@ class Denoiser:
         self.t_max = torch.ones(slots, **f32)
         self.bound = torch.zeros(slots, **f32)
         self.confidence = torch.zeros(slots, **f32)
+        self.temp_scale = torch.ones(slots, **f32)  # the request's temperature: a factor on its schedule
+        self.top_logprobs = torch.full((slots,), -1, **i64)  # -1: no log-probabilities; k >= 0: chosen + top k
         self._buffers: tuple[torch.Tensor, torch.Tensor] | None = None
         self.static_shapes = static_shapes or compile
         self._denoise = network.denoise
@@ -107,8 +120,11 @@ class Denoiser:
 
     # ---------------------------------------------------------------- step-level API
 
-    def admit(self, slot: int, settings: SamplerSettings, seed: int) -> None:
-        """Claim a free slot for a new request (its prompt goes in with `prefill`)."""
+    def admit(self, slot: int, settings: SamplerSettings, seed: int, logprobs: int | None = None) -> None:
+        """Claim a free slot for a new request (its prompt goes in with `prefill`). logprobs: None for none, k
+        for each committed token's log-probability and the top k alternatives' (k <= MAX_TOP_LOGPROBS)."""
+        if logprobs is not None and not 0 <= logprobs <= MAX_TOP_LOGPROBS:
+            raise ValueError(f"logprobs must be within [0, {MAX_TOP_LOGPROBS}], got {logprobs!r}")
         if settings.stability_threshold > self.history.shape[1]:
             raise ValueError(
                 f"stability_threshold {settings.stability_threshold} exceeds this denoiser's {self.history.shape[1]}"
@@ -123,6 +139,8 @@ class Denoiser:
         self.bound[slot] = settings.entropy_bound
         conf = settings.confidence_threshold
         self.confidence[slot] = -math.inf if conf is None else conf
+        self.temp_scale[slot] = settings.temperature
+        self.top_logprobs[slot] = -1 if logprobs is None else logprobs
 
     def prefill(self, slots: list[int], prompts: list[list[int]]) -> None:
         self.encode(slots, prompts, [])
@@ -168,11 +186,14 @@ class Denoiser:
             soft = self.soft[idx] if bool(self.has_soft[idx].any()) else None
         hidden = self._denoise(self.cache, idx, self.canvas[idx], soft, static=self.static_shapes)
         step = self.step_index[idx]
-        temp = temperature(step, self.cap[idx], self.t_min[idx], self.t_max[idx])
+        scale = self.temp_scale[idx]
+        temp = temperature(step, self.cap[idx], self.t_min[idx], self.t_max[idx], scale)
         # A row on the last step its cap allows is committed after it: its soft embedding (half the vocabulary
         # GEMMs of a step) would never be read. The compiled path keeps one shape and computes it anyway.
         needs_soft = None if self.static_shapes else (step + 1 < self.cap[idx]).cpu()
-        entropy, sample, argmax, soft_new = self._vocab_pass(hidden, temp, idx, step, needs_soft)
+        top_k = self.top_logprobs[idx].cpu()
+        entropy, sample, argmax, soft_new, logprobs = self._vocab_pass(hidden, temp, idx, step, needs_soft, top_k)
+        sample = torch.where((scale == 0)[:, None], argmax, sample)  # temperature 0: the argmax path, exactly
         history = self.history[idx]
         d = decide(
             entropy,
@@ -194,7 +215,7 @@ class Denoiser:
         self.soft[idx] = soft_new
         self.has_soft[idx] = True
         self.step_index[idx] = step + 1
-        return StepResult(d.done.tolist(), (step + 1).tolist(), d.argmax)
+        return StepResult(d.done.tolist(), (step + 1).tolist(), d.argmax, logprobs)
 
     def commit(self, slots: list[int]) -> None:
         """Encode the slots' argmax canvases into the cache; the next canvas starts after them."""
@@ -212,10 +233,12 @@ class Denoiser:
         idx: torch.Tensor,
         step: torch.Tensor,
         needs_soft: torch.Tensor | None = None,
+        top_k: torch.Tensor | None = None,
     ):
         """LM head, softcap, temperature, entropy, argmax, soft embedding and sample, tiled over tokens so that
         at most two [tile, V] fp32 buffers (together one [rows, canvas, V]) exist at any time. Rows whose
-        `needs_soft` (CPU bool [B]) is False get a zero soft embedding instead of the product."""
+        `needs_soft` (CPU bool [B]) is False get a zero soft embedding instead of the product; rows whose
+        `top_k` (CPU int [B]) is >= 0 get log-probabilities (LogProbs, else None)."""
         c = self.config
         b, C, h = hidden.shape
         n_tok = b * C
@@ -234,6 +257,7 @@ class Denoiser:
         argmax = torch.empty(n_tok, dtype=torch.int64, device=hidden.device)
         soft = torch.empty(n_tok, h, device=hidden.device)
         wanted = None if needs_soft is None or bool(needs_soft.all()) else needs_soft.repeat_interleave(C)
+        lp = None if top_k is None or int(top_k.max()) < 0 else self._logprob_outputs(top_k, C, hidden.device)
         low = self.net.dtype != torch.float32
         for s in range(0, n_tok, tile):
             e = min(n_tok, s + tile)
@@ -248,6 +272,8 @@ class Denoiser:
                 torch.mm(x, embed.T, out=logits)
             logits.sigmoid_()
             top, argmax[s:e] = row_max(logits)
+            if lp is not None:
+                self._logprobs(logits, top, lp, s, e)
             logits.sub_(top[:, None]).mul_(scale[s:e, None])  # two in-place passes: faster here than one addcmul
             entropy[s:e], norm[s:e], sums = entropy_and_weights(logits, probs)  # probs holds the unnormalised weights
             rows = None if wanted is None else wanted[s:e].nonzero().squeeze(1).to(hidden.device)
@@ -263,7 +289,40 @@ class Denoiser:
                 torch.mm(probs, embed, out=soft[s:e])
             sample[s:e] = draw(probs, uniform[s:e], block_sums=sums)
         soft.mul_(self.net.embed_scale / norm[:, None])  # weights @ E / sum: probabilities @ E, once for every path
-        return entropy.view(b, C), sample.view(b, C), argmax.view(b, C), soft.view(b, C, h)
+        logprobs = None
+        if lp is not None:
+            k = lp[2].shape[-1]
+            logprobs = LogProbs(lp[1].view(b, C), lp[2].view(b, C, k), lp[3].view(b, C, k))
+        return entropy.view(b, C), sample.view(b, C), argmax.view(b, C), soft.view(b, C, h), logprobs
+
+    def _logprob_outputs(self, top_k: torch.Tensor, C: int, device: torch.device) -> tuple:
+        """(the token rows that want log-probabilities, chosen [n], top ids [n, K], top [n, K]) for one pass."""
+        n_tok, k = len(top_k) * C, int(top_k.max())
+        rows = (top_k >= 0).repeat_interleave(C)
+        chosen = torch.full((n_tok,), math.nan, device=device)
+        return (
+            rows,
+            chosen,
+            torch.full((n_tok, k), -1, dtype=torch.int64, device=device),
+            torch.full((n_tok, k), math.nan, device=device),
+        )
+
+    def _logprobs(self, sig: torch.Tensor, top: torch.Tensor, lp: tuple, s: int, e: int) -> None:
+        """Log-probabilities for the tile's tokens [s, e) that want them, from sig = sigmoid(2x / cap) (the
+        softcapped logit is 2*cap*sig - cap, so log p_i = 2*cap*(sig_i - max sig) - log sum_j exp(the same))."""
+        rows, chosen, top_ids, top_lp = lp
+        sel = rows[s:e].nonzero().squeeze(1).to(sig.device)
+        if not len(sel):
+            return
+        two_cap = 2 * self.config.final_logit_softcapping
+        part = sig[sel]  # a copy: the tile is scaled in place next
+        lse = torch.logsumexp((part - top[sel, None]) * two_cap, dim=-1)
+        chosen[s + sel] = -lse  # the argmax token's own term is exp(0)
+        k = top_ids.shape[-1]
+        if k:
+            values, ids = part.topk(k, dim=-1)
+            top_ids[s + sel] = ids
+            top_lp[s + sel] = (values - top[sel, None]) * two_cap - lse[:, None]
 
     def vocab_tile(self, tokens: int) -> int:
         """Tokens per tile of the vocabulary pass: at least two tiles (so the product of one overlaps nothing

@@ -20,12 +20,20 @@ import torch
 
 from model import rng
 
+# The lowest temperature a row runs at: a request's temperature 0 (its argmax path) runs here, where every
+# probability but the largest underflows, and its sample is then replaced by the argmax itself.
+T_FLOOR = 1e-6
 
-def temperature(step: torch.Tensor, cap: torch.Tensor, t_min: torch.Tensor, t_max: torch.Tensor) -> torch.Tensor:
+
+def temperature(
+    step: torch.Tensor, cap: torch.Tensor, t_min: torch.Tensor, t_max: torch.Tensor, scale: torch.Tensor | None = None
+) -> torch.Tensor:
     """T for a row that has taken `step` steps of its canvas (0 on the first); transformers counts steps
-    remaining, n = cap - step, and uses T = t_min + (t_max - t_min) * n / cap (float32)."""
+    remaining, n = cap - step, and uses T = t_min + (t_max - t_min) * n / cap (float32). `scale` is the
+    request's temperature, a factor on the whole schedule (1: transformers' schedule), never below T_FLOOR."""
     remaining = (cap - step).to(torch.float32)
-    return t_min + (t_max - t_min) * (remaining / cap.to(torch.float32))
+    t = t_min + (t_max - t_min) * (remaining / cap.to(torch.float32))
+    return t if scale is None else (t * scale).clamp_(min=T_FLOOR)
 
 
 # Vocabulary-sized reductions work in blocks of this many entries: a reduction over a contiguous block vectorises,

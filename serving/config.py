@@ -153,6 +153,9 @@ class AppConfig(Strict):
     pools: dict[str, Pool]
     max_prompt_tokens: int = Field(1024, ge=1)
     max_new_tokens: int | None = Field(None, ge=1)  # default length cap; None: the checkpoint's
+    # the chat template's enable_thinking where a request does not set it (chat_template_kwargs): the model
+    # reasons in a thought channel first, returned apart as reasoning_content
+    thinking: bool = False
     auth: Auth | None = None  # None: no keys asked for
     max_body_bytes: int = Field(1 << 20, ge=1024)  # larger HTTP bodies get 413 before they are read whole
 

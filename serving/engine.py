@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry
 
+from model.config import MAX_TOP_LOGPROBS
 from model.denoiser import Denoiser
 from serving.latency_cap import LatencyCap
 from serving.metrics import engine_metrics
@@ -275,7 +276,10 @@ class Engine:
                 m.steps_per_canvas.labels(self.name).observe(r.step.steps)
                 m.tokens_per_forward.labels(self.name).observe(len(r.step.tokens) / r.step.steps)
                 m.generated_tokens.labels(self.name).inc(len(r.step.tokens))
-                job.events.put_nowait(CanvasEvent(job.canvas_index, r.step.tokens, r.step.steps))
+                step = r.step
+                job.events.put_nowait(
+                    CanvasEvent(job.canvas_index, step.tokens, step.steps, step.logprobs, step.top_logprobs)
+                )
             elif isinstance(r, Finished):
                 self._finish(job, r.reason)
             elif isinstance(r, Failed):
@@ -328,6 +332,8 @@ class Engine:
             raise InvalidRequest("prompt", f"token ids must be integers in [0, {vocab})")
         if not isinstance(r.max_new_tokens, int) or r.max_new_tokens < 1:
             raise InvalidRequest("max_new_tokens", f"must be an integer >= 1, got {r.max_new_tokens!r}")
+        if r.logprobs is not None and not (isinstance(r.logprobs, int) and 0 <= r.logprobs <= MAX_TOP_LOGPROBS):
+            raise InvalidRequest("top_logprobs", f"must be an integer within [0, {MAX_TOP_LOGPROBS}]")
         limit = d.history.shape[1]
         if r.settings.stability_threshold > limit:
             raise InvalidRequest("stability_threshold", f"must be <= {limit} on this engine")

@@ -22,14 +22,17 @@ routes it to another replica, and the client sees nothing of it. This module imp
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Protocol
 
+from jinja2 import TemplateError
 from prometheus_client import CollectorRegistry
 
 from model.chat import chat_ids, prompt_ids, text_ids
@@ -48,6 +51,7 @@ from serving.request import (
     Refusal,
     Usage,
 )
+from serving.stop import StopStrings
 
 REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 log = logging.getLogger("ray.serve")
@@ -108,6 +112,18 @@ class LocalPool:
         return self.server.load()
 
 
+@dataclass(frozen=True)
+class Requested:
+    """What a request asks for beyond its prompt and sampler controls."""
+
+    request_id: str | None
+    max_new_tokens: int | None
+    stream_drafts: bool
+    logprobs: int | None
+    stop: list[str]
+    special_tokens: bool = False
+
+
 @dataclass
 class Controls:
     """The diffusion controls of a request, whatever its protocol: tier, seed and sampler overrides."""
@@ -119,12 +135,15 @@ class Controls:
 
 @dataclass(frozen=True)
 class CanvasChunk:
-    """One committed canvas: the text it adds to the answer, its tokens and the steps it took."""
+    """One committed canvas: the text it adds to the answer, its tokens and the steps it took (with a stop
+    string: up to it), and with `logprobs` asked for, each token's log-probability and top alternatives'."""
 
     index: int
     text: str
     token_ids: list[int]
     steps: int
+    logprobs: list[float] | None = None
+    top_logprobs: list[list[tuple[int, float]]] | None = None
 
 
 @dataclass(frozen=True)
@@ -139,8 +158,9 @@ class DraftChunk:
 
 @dataclass(frozen=True)
 class DoneChunk:
-    finish_reason: str  # "eos", "length" or "cancelled"
+    finish_reason: str  # "eos", "length", "stop" (a stop string) or "cancelled"
     usage: Usage
+    text: str = ""  # the end of the answer held back in case it began a stop string (only with stop strings)
 
 
 Chunk = CanvasChunk | DraftChunk | DoneChunk
@@ -152,6 +172,8 @@ class Answer:
     token_ids: list[int]
     finish_reason: str
     usage: Usage
+    logprobs: list[float] | None = None  # when asked for: per token (CanvasChunk)
+    top_logprobs: list[list[tuple[int, float]]] | None = None
 
 
 @dataclass
@@ -164,31 +186,50 @@ class Opened:
     chunks: AsyncIterator[Chunk]  # canvases (and drafts), then exactly one DoneChunk; or EngineFailure
 
     async def collect(self) -> Answer:
-        text, tokens = "", []
+        text, tokens, lp, top = "", [], [], []
         async for chunk in self.chunks:
             if isinstance(chunk, CanvasChunk):
                 text += chunk.text
                 tokens += chunk.token_ids
+                lp += chunk.logprobs or []
+                top += chunk.top_logprobs or []
             elif isinstance(chunk, DoneChunk):
-                return Answer(text, tokens, chunk.finish_reason, chunk.usage)
+                asked = bool(lp)
+                return Answer(
+                    text + chunk.text, tokens, chunk.finish_reason, chunk.usage, lp if asked else None,
+                    top if asked else None,
+                )  # fmt: skip
         raise EngineFailure("the stream ended without a final event")
 
 
 class Detokenizer:
     """Text per canvas, decoded incrementally so that a character split across canvases comes out whole."""
 
-    def __init__(self, tokenizer: Any):
+    def __init__(self, tokenizer: Any, skip_special_tokens: bool = True):
         self.tok = tokenizer
+        self.skip = skip_special_tokens
         self.ids: list[int] = []
         self.text = ""
 
     def add(self, ids: list[int]) -> str:
         self.ids += ids
-        text = self.tok.decode(self.ids, skip_special_tokens=True)
+        text = self.tok.decode(self.ids, skip_special_tokens=self.skip)
         if text.endswith("\ufffd"):  # an incomplete character: wait for the next canvas
             return ""
         new, self.text = text[len(self.text) :], text
         return new
+
+    def covering(self, ids: list[int], chars: int, before: str) -> int:
+        """How many of `ids` (the ids last added, after text `before`) write no more than their text's first
+        `chars` characters: where a stop string cuts a canvas, the tokens kept (a token that holds the stop
+        string's first characters is not)."""
+        base = len(self.ids) - len(ids)
+        lo, hi = 0, len(ids)
+        while lo < hi:  # the text grows with the prefix: the longest prefix whose text stays within `chars`
+            mid = (lo + hi + 1) // 2
+            grown = len(self.tok.decode(self.ids[: base + mid], skip_special_tokens=self.skip)) - len(before)
+            lo, hi = (mid, hi) if grown <= chars else (lo, mid - 1)
+        return lo
 
 
 class Frontend:
@@ -209,6 +250,10 @@ class Frontend:
         self.model_id = "diffusiongemma-embedded" if config.model == "embedded" else config.model
         self.max_new_default = config.max_new_tokens or ckpt.generation.max_new_tokens
         self.metrics = frontend_metrics(registry)
+        self.started = int(time.time())
+        # OpenAI's system_fingerprint: changes when the model or the serving configuration (tiers, pools) does
+        blob = json.dumps([self.model_id, config.model_dump(mode="json", exclude={"auth"})], sort_keys=True)
+        self.fingerprint = "fp_" + hashlib.sha256(blob.encode()).hexdigest()[:12]
         self.gate = KeyGate(config.auth) if config.auth is not None else None
         # Set on every router replica at once through Serve's user_config (deploy/drain.py): new requests are
         # refused, /ready and the gRPC readiness check say NOT ready, requests in flight run to their end.
@@ -229,10 +274,21 @@ class Frontend:
 
     # ---------------------------------------------------------------- prompts
 
-    def chat_prompt(self, messages: list[dict]) -> list[int]:
-        if not self.tokenizer.chat_template:
+    def chat_prompt(
+        self, messages: list[dict], tools: list[dict] | None = None, template_kwargs: dict | None = None
+    ) -> list[int]:
+        """The checkpoint's chat template over the messages (and tools), with `enable_thinking` from the
+        request's template kwargs or else the deployment's default."""
+        template = self.tokenizer.chat_template
+        if not template:
             raise InvalidRequest("messages", "this model has no chat template; send a plain prompt instead")
-        return chat_ids(self.tokenizer, messages)
+        if tools and "tools" not in template:
+            raise InvalidRequest("tools", "this model's chat template does not render tools")
+        kwargs = {"enable_thinking": self.config.thinking} | (template_kwargs or {})
+        try:
+            return chat_ids(self.tokenizer, messages, tools, kwargs)
+        except TemplateError as exc:  # the template's own refusal (raise_exception), or a message it cannot read
+            raise InvalidRequest("messages", f"the chat template refused them: {exc}") from exc
 
     def user_prompt(self, text: str) -> list[int]:
         """One user turn through the chat template (the plain text where the model has none)."""
@@ -254,18 +310,23 @@ class Frontend:
         request_id: str | None = None,
         protocol: str = "http",
         key_id: str | None = None,
+        logprobs: int | None = None,
+        stop: list[str] | None = None,
+        special_tokens: bool = False,
     ) -> Opened:
         """Send the request to a replica of its tier's pool and wait until it is accepted (slot or queue
         place). Refusals raise here, before any reply is started; `protocol` labels the metrics; `key_id` (from
-        `authenticate`) is charged against its key's limits."""
+        `authenticate`) is charged against its key's limits. `logprobs`: None, or k for each committed token's
+        log-probability and its top k alternatives'; `stop`: strings that end the answer (serving/stop.py);
+        `special_tokens`: the text keeps them (a chat answer's channel and tool-call markers,
+        serving/chat_output.py)."""
         started = time.perf_counter()
         name = controls.tier or header_tier or self.config.default_tier
         try:
             if self.draining:
                 raise Draining("the service is draining for a restart; send the request again")
-            return await self._open(
-                ids, controls, name, max_new_tokens, stream_drafts, request_id, protocol, started, key_id
-            )
+            request = Requested(request_id, max_new_tokens, stream_drafts, logprobs, stop or [], special_tokens)
+            return await self._open(ids, controls, name, request, protocol, started, key_id)
         except (InvalidRequest, Overloaded, Unavailable) as exc:
             self._refused(name, protocol, exc, key_id)
             raise
@@ -292,9 +353,7 @@ class Frontend:
         ids: list[int],
         controls: Controls,
         name: str,
-        max_new_tokens: int | None,
-        stream_drafts: bool,
-        request_id: str | None,
+        asked: Requested,
         protocol: str,
         started: float,
         key_id: str | None,
@@ -305,6 +364,7 @@ class Frontend:
             raise InvalidRequest("tier", f"unknown tier {shown!r}; tiers: {sorted(self.config.tiers)}")
         if len(ids) > self.config.max_prompt_tokens:
             raise InvalidRequest("prompt", f"{len(ids)} tokens; the limit is {self.config.max_prompt_tokens}")
+        request_id = asked.request_id
         if request_id is None:
             request_id = new_request_id()
         elif not REQUEST_ID.fullmatch(request_id):
@@ -313,12 +373,13 @@ class Frontend:
         settings = tier.resolve(name, controls.overrides)
         payload = dict(
             prompt=list(ids),
-            max_new_tokens=max_new_tokens or self.max_new_default,
+            max_new_tokens=asked.max_new_tokens or self.max_new_default,
             settings=asdict(settings),
             seed=controls.seed,
-            stream_drafts=stream_drafts,
+            stream_drafts=asked.stream_drafts,
             request_id=request_id,
             tier=name,
+            logprobs=asked.logprobs,
         )
         grant = None if key_id is None else self.gate.admit(key_id, len(ids) + payload["max_new_tokens"])
         try:
@@ -328,7 +389,8 @@ class Frontend:
                 grant.release()
             raise
         send = lambda: self._accepted(tier.pool, payload, tries=1)  # noqa: E731  (the one retry, when idempotent)
-        return Opened(request_id, name, len(ids), self._chunks(events, name, protocol, started, grant, send))
+        chunks = self._chunks(events, name, protocol, started, grant, send, len(ids), asked)
+        return Opened(request_id, name, len(ids), chunks)
 
     async def _accepted(self, pool: str, payload: dict, tries: int = 2) -> AsyncIterator[Any]:
         """The replica's event stream once it has accepted the request (its Accepted consumed). A replica that
@@ -360,21 +422,55 @@ class Frontend:
         started: float,
         grant: Grant | None = None,
         resend: Callable[[], Awaitable[AsyncIterator[Any]]] | None = None,
+        prompt_tokens: int = 0,
+        asked: Requested | None = None,
     ) -> AsyncIterator[Chunk]:
         """The engine's events as text, once for every protocol. Closing this (a client that went away)
         closes the replica's stream, which cancels the request in its engine. A key's grant is given back
         when the stream ends, with the tokens the request used. `resend`: where the replica is lost before
-        anything was sent on, the request is sent again once (the client sees nothing of it)."""
-        detok = Detokenizer(self.tokenizer)
+        anything was sent on, the request is sent again once (the client sees nothing of it). With stop strings
+        asked for, the answer ends before the first one (finish "stop") and the request is cancelled in its
+        engine."""
+        detok = Detokenizer(self.tokenizer, skip_special_tokens=not (asked and asked.special_tokens))
+        stops = StopStrings(asked.stop) if asked and asked.stop else None
         m, outcome, first = self.metrics, "cancelled", True  # cancelled: closed before its end (client gone)
         used = None
+        sent: list[CanvasChunk] = []  # what a stop string's usage counts
+        first_at: float | None = None
         try:
             async for e in self._resent_once(events, resend):
                 if isinstance(e, CanvasEvent):
                     if first:
-                        m.time_to_first_canvas.labels(tier, protocol).observe(time.perf_counter() - started)
+                        first_at = time.perf_counter() - started
+                        m.time_to_first_canvas.labels(tier, protocol).observe(first_at)
                         first = False
-                    yield CanvasChunk(e.index, detok.add(e.tokens), e.tokens, e.steps)
+                    before = detok.text
+                    chunk = CanvasChunk(e.index, detok.add(e.tokens), e.tokens, e.steps, e.logprobs, e.top_logprobs)
+                    if stops is None:
+                        yield chunk
+                        continue
+                    held = stops.held
+                    text, hit = stops.feed(chunk.text)
+                    if not hit:
+                        sent.append(replace(chunk, text=text))
+                        yield sent[-1]
+                        continue
+                    n = detok.covering(e.tokens, len(text) - len(held), before)
+                    lp, top = e.logprobs, e.top_logprobs
+                    cut = CanvasChunk(e.index, text, e.tokens[:n], e.steps, lp and lp[:n], top and top[:n])
+                    sent.append(cut)
+                    yield cut
+                    outcome = None
+                    m.requests.labels(tier, protocol, "ok").inc()
+                    m.latency.labels(tier, protocol).observe(time.perf_counter() - started)
+                    usage = self._stopped_usage(prompt_tokens, sent, first_at, time.perf_counter() - started)
+                    used = usage.prompt_tokens + usage.generated_tokens
+                    if grant is not None:
+                        grant.release(used)
+                        m.key_requests.labels(grant.key_id, "ok").inc()
+                        m.key_tokens.labels(grant.key_id).inc(used)
+                    yield DoneChunk("stop", usage)
+                    return  # closing the replica's stream cancels the rest of the request
                 elif isinstance(e, DraftEvent):
                     text = self.tokenizer.decode(e.tokens, skip_special_tokens=True)
                     yield DraftChunk(e.canvas_index, e.step, text, e.tokens)
@@ -388,7 +484,7 @@ class Frontend:
                         grant.release(used)
                         m.key_requests.labels(grant.key_id, done).inc()
                         m.key_tokens.labels(grant.key_id).inc(used)
-                    yield DoneChunk(e.finish_reason, e.usage)
+                    yield DoneChunk(e.finish_reason, e.usage, stops.release() if stops is not None else "")
                     return
                 elif isinstance(e, ErrorEvent):
                     outcome = "failed"
@@ -409,6 +505,20 @@ class Frontend:
                 grant.release(used)  # a no-op after the final event; else the whole reservation comes back
             await events.aclose()
         raise EngineFailure("the stream ended without a final event")
+
+    @staticmethod
+    def _stopped_usage(prompt_tokens: int, sent: list[CanvasChunk], first_at: float | None, total: float) -> Usage:
+        """The usage of an answer a stop string ended: the tokens sent, the canvases they came from (the engine's
+        own report never comes, as the request is cancelled; its queue time is not known here)."""
+        return Usage(
+            prompt_tokens=prompt_tokens,
+            generated_tokens=sum(len(c.token_ids) for c in sent),
+            canvases=len(sent),
+            steps_per_canvas=[c.steps for c in sent],
+            queue_time_s=None,
+            time_to_first_canvas_s=first_at,
+            total_time_s=total,
+        )
 
     @staticmethod
     async def _resent_once(
@@ -444,7 +554,7 @@ class Frontend:
             name: {"description": t.description, "pool": t.pool, **t.sampler.model_dump()}
             for name, t in self.config.tiers.items()
         }
-        card = {"id": self.model_id, "object": "model", "created": 0, "owned_by": "diffusiongemma-serve"}
+        card = {"id": self.model_id, "object": "model", "created": self.started, "owned_by": "diffusiongemma-serve"}
         return {"object": "list", "data": [card | {"tiers": tiers, "default_tier": self.config.default_tier}]}
 
     async def ready(self) -> dict[str, dict]:

@@ -30,11 +30,14 @@ from serving.frontend import (
 )
 from serving.request import InvalidRequest, Overloaded, Usage
 from serving.sampling import OVERRIDE_NAMES, SamplerOverrides
+from serving.stop import check_stops
 
 
 def usage_pb(u: Usage) -> pb.Usage:
-    """The proto's Usage has the engine's fields; no first canvas (a cancelled request) is 0 there."""
-    return pb.Usage(**(asdict(u) | {"time_to_first_canvas_s": u.time_to_first_canvas_s or 0.0}))
+    """The proto's Usage has the engine's fields; a time not known (no first canvas: a cancelled request; no
+    queue time: one a stop string ended in the router) is 0 there."""
+    unknown = {k: v or 0.0 for k, v in asdict(u).items() if k in ("time_to_first_canvas_s", "queue_time_s")}
+    return pb.Usage(**(asdict(u) | unknown))
 
 
 def controls(req: pb.GenerateRequest) -> Controls:
@@ -87,6 +90,10 @@ class DiffusionServicer:
             raise InvalidRequest("input", "one of text, raw_prompt or token_ids is required")
         if req.max_new_tokens < 0:
             raise InvalidRequest("max_new_tokens", "must be >= 0 (0: the model's default)")
+        try:
+            stops = check_stops(list(req.stop))
+        except ValueError as exc:
+            raise InvalidRequest("stop", str(exc)) from exc
         return await self.frontend.open(
             ids,
             controls(req),
@@ -96,6 +103,7 @@ class DiffusionServicer:
             request_id=metadata.get("x-request-id"),
             protocol="grpc",
             key_id=key_id,
+            stop=stops,
         )
 
     async def Generate(self, req: pb.GenerateRequest, context: Any = None) -> pb.GenerateResponse:
@@ -130,6 +138,7 @@ class DiffusionServicer:
                         tier=opened.tier,
                         finish_reason=c.finish_reason,
                         usage=usage_pb(c.usage),
+                        text=c.text,
                     )
                     yield pb.GenerateChunk(final=final)
         except Exception as exc:

@@ -11,11 +11,13 @@ appear twice). That id is the engine's. Errors are OpenAI-style JSON:
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -25,9 +27,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from serving.auth import Unauthenticated
+from serving.chat_output import ChatOutput, special_strings
 from serving.frontend import (
     Answer,
     CanvasChunk,
+    Chunk,
+    Controls,
     DoneChunk,
     DraftChunk,
     Draining,
@@ -38,8 +43,17 @@ from serving.frontend import (
     Unavailable,
     new_request_id,
 )
-from serving.protocol import ChatBody, CompletionBody, Diffusion, GenerateBody, OpenAIOptions
-from serving.request import InvalidRequest, Overloaded, Usage
+from serving.openai_format import (
+    Choice,
+    TokenText,
+    chat_delta,
+    chat_message,
+    merge,
+    openai_usage,
+    summed_usage,
+)
+from serving.protocol import ChatBody, CompletionBody, GenerateBody, OpenAIOptions, StreamOptions
+from serving.request import InvalidRequest, Overloaded
 
 _ERROR_TYPES = {
     400: "invalid_request_error",
@@ -50,7 +64,6 @@ _ERROR_TYPES = {
     429: "rate_limit_error",
     503: "service_unavailable",
 }
-OPENAI_FINISH = {"eos": "stop"}  # the engine's "length" and "cancelled" keep their names
 log = logging.getLogger("ray.serve")
 
 
@@ -177,20 +190,53 @@ async def sse_stream(lines: AsyncIterator[dict], on_error: Callable[[EngineFailu
     yield "data: [DONE]\n\n"
 
 
-def openai_usage(u: Usage, tier: str) -> dict:
-    return {
-        "prompt_tokens": u.prompt_tokens,
-        "completion_tokens": u.generated_tokens,
-        "total_tokens": u.prompt_tokens + u.generated_tokens,
-        "canvases": u.canvases,
-        "steps_per_canvas": u.steps_per_canvas,
-        "tier": tier,
-    }
+async def merged(choices: list[Choice]) -> AsyncIterator[tuple[Choice, Chunk]]:
+    """The chunks of several choices as they come, each with its choice; closing this closes them all."""
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(choice: Choice) -> None:
+        try:
+            async for c in choice.opened.chunks:
+                await queue.put((choice, c))
+        except Exception as exc:
+            await queue.put((choice, exc))
+        await queue.put((choice, None))
+
+    tasks = [asyncio.create_task(pump(c)) for c in choices]
+    try:
+        left = len(choices)
+        while left:
+            choice, item = await queue.get()
+            if item is None:
+                left -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield choice, item
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for c in choices:
+            await c.opened.chunks.aclose()
+
+
+def completion_logprobs(chunks: list[CanvasChunk], words: TokenText) -> dict:
+    """The completions API's logprobs of a whole answer, canvas after canvas."""
+    out: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    offset = 0
+    for c in chunks:
+        part = words.completion(c, offset)
+        for k in out:
+            out[k] += part[k]
+        offset += sum(len(t) for t in part["tokens"])
+    return out
 
 
 def http_app(frontend: Frontend, assign_request_ids: bool = True) -> FastAPI:
     """assign_request_ids: False under Serve, whose proxy already gives requests their ids and echoes them."""
     app = FastAPI(title="diffusiongemma-serve")
+    specials = special_strings(frontend.tokenizer)
     app.add_middleware(Gate, frontend=frontend, max_body_bytes=frontend.config.max_body_bytes)
     if assign_request_ids:
         app.add_middleware(RequestIds)  # added last: outermost, so refusals by the gate carry an id too
@@ -209,22 +255,30 @@ def http_app(frontend: Frontend, assign_request_ids: bool = True) -> FastAPI:
 
     async def open_request(
         prompt: Callable[[], list[int]],
-        body: Diffusion,
+        controls: Controls,
         request: Request,
         max_new_tokens: int | None,
         stream_drafts: bool,
+        *,
+        request_id: str | None = None,
+        logprobs: int | None = None,
+        stop: list[str] | None = None,
+        special_tokens: bool = False,
     ) -> Opened | JSONResponse:
         """Tokenize and open; a refusal becomes its 400 / 429 / 503 before any byte is sent."""
         try:
             return await frontend.open(
                 prompt(),
-                body.controls(),
+                controls,
                 header_tier=request.headers.get("x-tier"),
                 max_new_tokens=max_new_tokens,
                 stream_drafts=stream_drafts,
-                request_id=request.headers.get("x-request-id"),
+                request_id=request_id or request.headers.get("x-request-id"),
                 protocol="http",
                 key_id=getattr(request.state, "key_id", None),
+                logprobs=logprobs,
+                stop=stop,
+                special_tokens=special_tokens,
             )
         except InvalidRequest as exc:
             return error_response(400, str(exc), exc.field)
@@ -247,6 +301,9 @@ def http_app(frontend: Frontend, assign_request_ids: bool = True) -> FastAPI:
     # ---------------------------------------------------------------- OpenAI
 
     async def openai(body: OpenAIOptions, prompt: Callable[[], list[int]], request: Request, chat: bool):
+        """Both OpenAI routes: `n` choices, each its own engine request (seeds seed, seed+1, ... when a seed is
+        given), opened together so that they share the batch; chat answers split into reasoning, content and
+        tool calls."""
         field = body.unsupported()
         if field is not None:
             return error_response(400, f"{field}: not supported by this server", field)
@@ -254,46 +311,122 @@ def http_app(frontend: Frontend, assign_request_ids: bool = True) -> FastAPI:
             return error_response(
                 400, f"model: unknown model {body.model!r}; this server has {frontend.model_id!r}", "model"
             )
-        opened = await open_request(prompt, body, request, body.length(), False)
-        if isinstance(opened, JSONResponse):
-            return opened
-        kind = "chat.completion" if chat else "text_completion"
-        created = int(time.time())
-
-        def choice(text: str, finish: str | None, delta: bool) -> dict:
-            if not chat:
-                return {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
-            content = {"role": "assistant", "content": text}
-            return {"index": 0, ("delta" if delta else "message"): content, "finish_reason": finish}
-
-        def reply(obj: str, text: str, finish: str | None, delta: bool) -> dict:
-            return {
-                "id": opened.request_id,
-                "object": obj,
-                "created": created,
-                "model": frontend.model_id,
-                "choices": [choice(text, finish, delta)],
-            }
-
+        tools_on = chat and bool(body.tools) and body.tool_choice != "none"
+        if chat and body.tool_choice not in (None, "none", "auto"):
+            message = "tool_choice: only 'auto' and 'none' are supported (the model decides whether to call)"
+            return error_response(400, message, "tool_choice")
+        try:
+            ids = prompt()
+        except InvalidRequest as exc:
+            return error_response(400, str(exc), exc.field)
+        base_id = request.headers.get("x-request-id") or new_request_id()
+        choices: list[Choice] = []
+        for i in range(body.n):
+            controls = body.controls()
+            if controls.seed is not None:
+                controls.seed = (controls.seed + i) % 2**62
+            opened = await open_request(
+                lambda: ids, controls, request, body.length(), False,
+                request_id=base_id if i == 0 else f"{base_id}.{i}",
+                logprobs=body.top_logprobs_asked(), stop=body.stop, special_tokens=chat,
+            )  # fmt: skip
+            if isinstance(opened, JSONResponse):
+                for c in choices:
+                    await c.opened.chunks.aclose()  # the choices already accepted are cancelled
+                return opened
+            output = ChatOutput(specials, tools_on) if chat else None
+            choices.append(Choice(i, opened, output))
+        tier = choices[0].opened.tier
+        head = {
+            "id": ("chatcmpl-" if chat else "cmpl-") + base_id,
+            "object": "chat.completion" if chat else "text_completion",
+            "created": int(time.time()),
+            "model": frontend.model_id,
+            "system_fingerprint": frontend.fingerprint,
+        }
+        words = TokenText(frontend.tokenizer)
         if not body.stream:
-            answer = await answer_or_error(opened)
-            if isinstance(answer, JSONResponse):
-                return answer
-            finish = OPENAI_FINISH.get(answer.finish_reason, answer.finish_reason)
-            full = reply(kind, answer.text, finish, delta=False) | {"usage": openai_usage(answer.usage, opened.tier)}
-            return JSONResponse(full)
+            return await whole_answer(choices, head, chat, words, tier)
 
-        chunk_kind = kind + ".chunk" if chat else kind
+        head["object"] = "chat.completion.chunk" if chat else "text_completion"
+        options = body.stream_options or StreamOptions()
+
+        def chunk(choice: Choice, delta: dict, c: CanvasChunk | None, finish: str | None) -> dict:
+            if chat:
+                entry = {"index": choice.index, "delta": delta, "logprobs": None, "finish_reason": finish}
+                if c is not None and c.logprobs is not None:
+                    entry["logprobs"] = {"content": words.chat(c)}
+            else:
+                entry = {"index": choice.index, "text": delta.get("content", ""), "logprobs": None}
+                entry["finish_reason"] = finish
+                if c is not None and c.logprobs is not None:
+                    entry["logprobs"] = words.completion(c, choice.text_sent)
+                choice.text_sent += len(entry["text"])
+            out = head | {"choices": [entry]}
+            if options.include_usage:
+                out["usage"] = None
+                if options.continuous_usage_stats:
+                    done = sum(x.tokens for x in choices)
+                    out["usage"] = openai_usage(None, tier, len(ids), done)
+            return out
 
         async def lines() -> AsyncIterator[dict]:
-            async for c in opened.chunks:
+            if chat:  # the role first, once per choice, as OpenAI streams it
+                for choice in choices:
+                    yield chunk(choice, {"role": "assistant", "content": ""}, None, None)
+            async for choice, c in merged(choices):
                 if isinstance(c, CanvasChunk):
-                    yield reply(chunk_kind, c.text, None, delta=True)
+                    choice.tokens += len(c.token_ids)
+                    delta = chat_delta(choice, choice.output.feed(c.text)) if chat else {"content": c.text}
+                    if delta or c.logprobs:
+                        yield chunk(choice, delta, c, None)
                 elif isinstance(c, DoneChunk):
-                    finish = OPENAI_FINISH.get(c.finish_reason, c.finish_reason)
-                    yield reply(chunk_kind, "", finish, delta=True) | {"usage": openai_usage(c.usage, opened.tier)}
+                    choice.usage = c.usage
+                    if chat:
+                        rest = merge(choice.output.feed(c.text), choice.output.finish())
+                        delta = chat_delta(choice, rest)
+                    else:
+                        delta = {"content": c.text} if c.text else {}
+                    yield chunk(choice, delta, None, choice.finish_reason(c.finish_reason))
+            if options.include_usage:
+                yield head | {"choices": [], "usage": summed_usage([c.usage for c in choices], tier)}
 
         return streaming(lines(), lambda exc: {"error": {"message": str(exc), "type": failure_type(exc)}})
+
+    async def whole_answer(choices: list[Choice], head: dict, chat: bool, words: TokenText, tier: str):
+        """The non-streaming reply: every choice's whole answer (the first failure is the reply instead)."""
+        gathered = await asyncio.gather(*(gather_chunks(c.opened) for c in choices))
+        failed = next((g for g in gathered if isinstance(g, JSONResponse)), None)
+        if failed is not None:
+            return failed
+        entries = []
+        for choice, (chunks, done) in zip(choices, gathered):
+            entry: dict[str, Any] = {"index": choice.index}
+            lp = [c for c in chunks if c.logprobs is not None]
+            if chat:
+                entry["message"] = chat_message(choice, chunks, done)
+                entry["logprobs"] = {"content": [e for c in lp for e in words.chat(c)]} if lp else None
+            else:
+                entry["text"] = "".join(c.text for c in chunks) + done.text
+                entry["logprobs"] = completion_logprobs(lp, words) if lp else None
+            entry["finish_reason"] = choice.finish_reason(done.finish_reason)
+            entries.append(entry)
+        usage = summed_usage([done.usage for _, done in gathered], tier)
+        return JSONResponse(head | {"choices": entries, "usage": usage})
+
+    async def gather_chunks(opened: Opened) -> tuple[list[CanvasChunk], DoneChunk] | JSONResponse:
+        chunks: list[CanvasChunk] = []
+        try:
+            async for c in opened.chunks:
+                if isinstance(c, CanvasChunk):
+                    chunks.append(c)
+                elif isinstance(c, DoneChunk):
+                    return chunks, c
+            raise EngineFailure("the stream ended without a final event")
+        except ReplicaLost as exc:  # retryable: the request may be sent again
+            return error_response(503, str(exc), retry_after=1)
+        except EngineFailure as exc:
+            return error_response(500, str(exc))
 
     @app.post("/v1/completions")
     async def completions(body: CompletionBody, request: Request):
@@ -304,8 +437,17 @@ def http_app(frontend: Frontend, assign_request_ids: bool = True) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatBody, request: Request):
-        messages = [m.model_dump() for m in body.messages]
-        return await openai(body, lambda: frontend.chat_prompt(messages), request, chat=True)
+        messages = [m.template_message() for m in body.messages]
+        called = {c["id"]: c["function"]["name"] for m in messages for c in m.get("tool_calls", ())}
+        for m in messages:  # a tool message names the function it answers, as chat templates read it
+            if m["role"] == "tool" and "name" not in m and m["tool_call_id"] in called:
+                m["name"] = called[m["tool_call_id"]]
+        tools = [t.model_dump(exclude_none=True) for t in body.tools or ()] if body.tool_choice != "none" else None
+
+        def prompt() -> list[int]:
+            return frontend.chat_prompt(messages, tools, body.chat_template_kwargs)
+
+        return await openai(body, prompt, request, chat=True)
 
     @app.get("/v1/models")
     async def models() -> dict:
@@ -324,7 +466,10 @@ def http_app(frontend: Frontend, assign_request_ids: bool = True) -> FastAPI:
             prompt = lambda: frontend.raw_prompt(body.prompt)
         else:
             prompt = lambda: body.token_ids
-        opened = await open_request(prompt, body, request, body.max_new_tokens, body.stream_drafts)
+        opened = await open_request(
+            prompt, body.controls(), request, body.max_new_tokens, body.stream_drafts,
+            logprobs=body.top_logprobs, stop=body.stop,
+        )  # fmt: skip
         if isinstance(opened, JSONResponse):
             return opened
         if not body.stream:
@@ -339,12 +484,17 @@ def http_app(frontend: Frontend, assign_request_ids: bool = True) -> FastAPI:
                 "tier": opened.tier,
                 "usage": asdict(answer.usage),
             }
+            if body.top_logprobs is not None:
+                reply |= {"logprobs": answer.logprobs, "top_logprobs": answer.top_logprobs}
             return reply
 
         async def lines() -> AsyncIterator[dict]:
             async for c in opened.chunks:
                 if isinstance(c, CanvasChunk):
-                    yield {"type": "canvas", **asdict(c)}
+                    fields = asdict(c)
+                    if body.top_logprobs is None:
+                        del fields["logprobs"], fields["top_logprobs"]
+                    yield {"type": "canvas", **fields}
                 elif isinstance(c, DraftChunk):
                     yield {"type": "draft", **asdict(c)}
                 else:
@@ -354,6 +504,7 @@ def http_app(frontend: Frontend, assign_request_ids: bool = True) -> FastAPI:
                         "finish_reason": c.finish_reason,
                         "tier": opened.tier,
                         "usage": asdict(c.usage),
+                        "text": c.text,  # with stop strings: the end of the text, held back in case it began one
                     }
 
         return streaming(lines(), lambda exc: {"type": "error", "message": str(exc), "retryable": retryable(exc)})

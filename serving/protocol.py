@@ -1,43 +1,48 @@
 """HTTP request bodies (pydantic): OpenAI-compatible completions and chat completions, and the native generate call.
 
-Unknown fields and OpenAI fields we do not implement are refused with a 400 naming the field (never silently
-ignored). The diffusion controls (tier and sampler overrides) are accepted as extra top-level fields on the
-OpenAI routes too, and an `x-tier` header names the tier when the body does not.
+Unknown fields are refused with a 400 naming the field (never silently ignored), and so are the OpenAI fields
+this server does not implement unless they hold the value that means "not used" (NEUTRAL: a client library
+that always sends `presence_penalty: 0` is served). The diffusion controls (tier and sampler overrides) are
+accepted as extra top-level fields on the OpenAI routes too, and an `x-tier` header names the tier when the
+body does not. What each OpenAI field means for a diffusion sampler is in docs/api.md.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+import json
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from model.config import MAX_TOP_LOGPROBS
 from serving.frontend import Controls
 from serving.sampling import OVERRIDE_NAMES, SamplerOverrides
+from serving.stop import check_stops
 
-# OpenAI fields that exist but that this server does not implement; each is accepted only with its field's
-# default (the value that means "not used"), see OpenAIOptions.
-UNSUPPORTED_OPENAI = (
-    "temperature",  # the denoiser's temperature follows its t_max -> t_min schedule; use t_min / t_max
-    "top_p",
-    "n",
-    "best_of",
-    "stop",
-    "logprobs",
-    "top_logprobs",
-    "echo",
-    "presence_penalty",
-    "frequency_penalty",
-    "logit_bias",
-    "suffix",
-    "tools",
-    "tool_choice",
-    "response_format",
-    "stream_options",
-)
+# OpenAI fields that exist but that this server does not implement, each with the values that mean "not used"
+# (accepted, and nothing changes); any other value is a 400 naming the field.
+NEUTRAL: dict[str, tuple[Any, ...]] = {
+    "top_p": (None, 1),  # the diffusion sampler draws from the whole tempered distribution
+    "best_of": (None, 1),
+    "echo": (False,),
+    "presence_penalty": (None, 0),
+    "frequency_penalty": (None, 0),
+    "logit_bias": (None, {}),
+    "suffix": (None,),
+}
+# apply_chat_template's own arguments: chat_template_kwargs may not set them (the rest go to the template)
+TEMPLATE_CALL_ARGS = {
+    "conversation", "messages", "tools", "documents", "chat_template", "add_generation_prompt",
+    "continue_final_message", "tokenize", "padding", "truncation", "max_length", "return_tensors",
+    "return_dict", "return_assistant_tokens_mask", "tokenizer_kwargs", "processor_kwargs",
+}  # fmt: skip
+MAX_CHOICES = 8  # `n`: independent answers per request, each a row of the batch
+STRICT = ConfigDict(extra="forbid")
 
 
 class Diffusion(SamplerOverrides):
-    """The diffusion controls, shared by every route: tier, seed and the sampler overrides (serving/sampling.py)."""
+    """The diffusion controls, shared by every route: tier, seed and the sampler overrides (serving/sampling.py).
+    `temperature` is one of them: a factor on the tier's t_max -> t_min schedule, 0 for the argmax path."""
 
     tier: str | None = None
     seed: int | None = Field(None, ge=0, lt=2**62)
@@ -46,52 +51,187 @@ class Diffusion(SamplerOverrides):
         return Controls(self.tier, self.seed, {k: getattr(self, k) for k in OVERRIDE_NAMES})
 
 
+class StreamOptions(BaseModel):
+    model_config = STRICT
+
+    include_usage: bool = False  # a last chunk, before [DONE], with no choices and the usage of the request
+    continuous_usage_stats: bool = False  # vLLM's: the usage so far on every chunk too
+
+
 class OpenAIOptions(Diffusion):
     model: str | None = None
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     stream: bool = False
+    stream_options: StreamOptions | None = None
     user: str | None = None
-    # accepted only with their default, the value that means "not used" (UNSUPPORTED_OPENAI)
-    temperature: float | None = None
-    top_p: float | None = None
-    n: int = 1
-    best_of: int | None = None
+    n: int = Field(1, ge=1, le=MAX_CHOICES)
     stop: str | list[str] | None = None
-    logprobs: bool | int | None = None
-    top_logprobs: int | None = None
+    response_format: dict | None = None
+    # accepted only at their neutral values (NEUTRAL)
+    top_p: float | None = None
+    best_of: int | None = None
     echo: bool = False
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     logit_bias: dict | None = None
     suffix: str | None = None
-    tools: list | None = None
-    tool_choice: str | dict | None = None
-    response_format: dict | None = None
-    stream_options: dict | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, v: str | list[str] | None) -> list[str]:
+        return check_stops(v)
+
+    @field_validator("response_format")
+    @classmethod
+    def _format(cls, v: dict | None) -> dict | None:
+        if v is not None and v.get("type") != "text":
+            raise ValueError("only {'type': 'text'} is supported; a JSON answer can be seeded with canvas templates")
+        return v
 
     def unsupported(self) -> str | None:
         """The first OpenAI field set to something this server does not do."""
-        defaults = type(self).model_fields
-        return next((name for name in UNSUPPORTED_OPENAI if getattr(self, name) != defaults[name].default), None)
+        return next((name for name, ok in NEUTRAL.items() if getattr(self, name) not in ok), None)
 
     def length(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
 
+    def top_logprobs_asked(self) -> int | None:
+        """None: no log-probabilities; k: each token's and its top k alternatives'."""
+        return None
+
 
 class CompletionBody(OpenAIOptions):
     prompt: str | list[int] = Field(..., description="text used as is (no chat template) or token ids")
+    # the completions API's logprobs: the number of alternatives per token (0: the chosen token's alone)
+    logprobs: int | None = Field(None, ge=0, le=5)
+
+    def top_logprobs_asked(self) -> int | None:
+        return self.logprobs
+
+
+class TextPart(BaseModel):
+    model_config = STRICT
+
+    type: Literal["text"]
+    text: str
+
+
+class FunctionCall(BaseModel):
+    model_config = STRICT
+
+    name: str = Field(..., min_length=1, max_length=256)
+    arguments: str  # a JSON object, as OpenAI sends it
+
+    @field_validator("arguments")
+    @classmethod
+    def _json_object(cls, v: str) -> str:
+        try:
+            parsed = json.loads(v)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"not JSON: {exc.msg}") from None
+        if not isinstance(parsed, dict):
+            raise ValueError("must be a JSON object")
+        return v
+
+
+class ToolCall(BaseModel):
+    model_config = STRICT
+
+    id: str = Field(..., max_length=256)
+    type: Literal["function"] = "function"
+    function: FunctionCall
 
 
 class Message(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
 
-    role: Literal["system", "user", "assistant"]
-    content: str
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+    name: str | None = Field(None, max_length=256)
+    tool_calls: list[ToolCall] | None = None  # assistant: the calls it made
+    tool_call_id: str | None = Field(None, max_length=256)  # tool: the call this answers
+    reasoning_content: str | None = None  # assistant: its reasoning (dropped by the template after the turn)
+
+    @model_validator(mode="after")
+    def _shape(self) -> Message:
+        if self.tool_calls is not None and self.role != "assistant":
+            raise ValueError("tool_calls: only assistant messages carry tool calls")
+        if self.role == "tool" and self.tool_call_id is None:
+            raise ValueError("tool_call_id: a tool message answers a tool call; name it")
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise ValueError("content: required (only an assistant message with tool_calls may leave it out)")
+        return self
+
+    def template_message(self) -> dict[str, Any]:
+        """The message as a chat template reads it: developer as system, text parts joined, arguments parsed."""
+        text = self.content if not isinstance(self.content, list) else "\n".join(p.text for p in self.content)
+        out: dict[str, Any] = {"role": "system" if self.role == "developer" else self.role, "content": text or ""}
+        if self.name is not None:
+            out["name"] = self.name
+        if self.tool_calls:
+            out["tool_calls"] = [
+                {"id": c.id, "type": "function", "function": {"name": c.function.name,
+                                                             "arguments": json.loads(c.function.arguments)}}
+                for c in self.tool_calls
+            ]  # fmt: skip
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
+        if self.reasoning_content is not None:
+            out["reasoning"] = self.reasoning_content
+        return out
+
+
+class FunctionSpec(BaseModel):
+    model_config = STRICT
+
+    name: str = Field(..., min_length=1, max_length=256, pattern=r"^[A-Za-z0-9_.\-]+$")
+    description: str = ""
+    parameters: dict[str, Any] = Field(default_factory=dict)  # a JSON schema
+    strict: bool | None = None
+
+
+class Tool(BaseModel):
+    model_config = STRICT
+
+    type: Literal["function"]
+    function: FunctionSpec
+
+
+class NamedTool(BaseModel):
+    model_config = STRICT
+
+    type: Literal["function"]
+    function: dict[Literal["name"], str]
 
 
 class ChatBody(OpenAIOptions):
     messages: list[Message] = Field(..., min_length=1)
+    # the chat API's logprobs: a switch, with top_logprobs alternatives per token
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedTool | None = None
+    parallel_tool_calls: bool | None = None
+    # passed to the chat template, as vLLM does (`enable_thinking` above all)
+    chat_template_kwargs: dict[str, str | int | float | bool | None] | None = None
+
+    @field_validator("chat_template_kwargs")
+    @classmethod
+    def _template_names(cls, v: dict | None) -> dict | None:
+        taken = sorted(set(v or ()) & TEMPLATE_CALL_ARGS)
+        if taken:
+            raise ValueError(f"{taken} are arguments of the template call, not template variables")
+        return v
+
+    @model_validator(mode="after")
+    def _logprobs(self) -> ChatBody:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs: needs logprobs true")
+        return self
+
+    def top_logprobs_asked(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 class GenerateBody(Diffusion):
@@ -103,3 +243,10 @@ class GenerateBody(Diffusion):
     max_new_tokens: int | None = Field(None, ge=1)
     stream: bool = False
     stream_drafts: bool = False
+    stop: str | list[str] | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)  # None: none; k: chosen token + top k
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, v: str | list[str] | None) -> list[str]:
+        return check_stops(v)

@@ -38,6 +38,8 @@ class GenerateRequest:
     stream_drafts: bool = False  # also emit the argmax canvas after every denoising step
     request_id: str = field(default_factory=lambda: secrets.token_hex(8))
     tier: str = ""  # the front end's tier: the scheduler shares queue places and slots between tiers
+    # None: no log-probabilities; k: each committed token's and its top k alternatives' (from the final step)
+    logprobs: int | None = None
 
     def __post_init__(self) -> None:
         if self.seed is None:
@@ -51,6 +53,9 @@ class CanvasEvent:
     index: int
     tokens: list[int]
     steps: int  # denoising steps this canvas took
+    # with the request's `logprobs`: per token, its log-probability and its top alternatives' (id, log-prob)
+    logprobs: list[float] | None = None
+    top_logprobs: list[list[tuple[int, float]]] | None = None
 
 
 @dataclass(frozen=True)
@@ -68,7 +73,7 @@ class Usage:
     generated_tokens: int
     canvases: int
     steps_per_canvas: list[int]
-    queue_time_s: float  # arrival to admission into a slot
+    queue_time_s: float | None  # arrival to admission into a slot (None: a request ended by a stop string)
     time_to_first_canvas_s: float | None  # arrival to the first committed canvas (None if there was none)
     total_time_s: float
 

@@ -61,7 +61,7 @@ class ModelRunner:
         out = Outcome()
         for job in plan.admit:
             try:
-                d.admit(job.slot, job.request.settings, job.request.seed)
+                d.admit(job.slot, job.request.settings, job.request.seed, job.request.logprobs)
             except Exception as exc:
                 out.failed[job.id] = exc
         encode = [j for j in plan.admit + plan.commit if j.id not in out.failed]
@@ -95,6 +95,12 @@ class ModelRunner:
             step = StepOutcome(done, result.steps[i], canvas if job.request.stream_drafts else None)
             if done:
                 step.tokens, step.eos = self.denoiser.cut_at_eos(canvas)
+                k = job.request.logprobs
+                if k is not None and result.logprobs is not None:
+                    n, lp = len(step.tokens), result.logprobs
+                    step.logprobs = lp.chosen[i, :n].tolist()
+                    ids, values = lp.top_ids[i, :n, :k].tolist(), lp.top[i, :n, :k].tolist()
+                    step.top_logprobs = [list(zip(a, b)) for a, b in zip(ids, values)]
             outs.append(step)
         return outs
 

@@ -33,6 +33,11 @@ def _field(f: dataclasses.Field, default: Any) -> Any:
     return Field(default, description=f.metadata["doc"], **f.metadata["bounds"])
 
 
+def _open_range(f: dataclasses.Field) -> Range | None:
+    bounds = f.metadata["open_range"]
+    return None if bounds is None else Range(min=bounds[0], max=bounds[1])
+
+
 class Range(BaseModel):
     model_config = STRICT
 
@@ -71,7 +76,8 @@ SamplerOverrides = create_model(
 TierLimits = create_model(
     "TierLimits",
     __config__=STRICT,
-    __doc__="What a request may override within a tier; an unset limit means the tier's value is fixed.",
-    **{f.name: (Range | None, None) for f in _FIELDS},
+    __doc__="What a request may override within a tier; a null limit fixes the tier's value. Left out, a limit is"
+    " null, except temperature's, which is open within [0, 2] (OpenAI clients send one with every request).",
+    **{f.name: (Range | None, _open_range(f)) for f in _FIELDS},
     adaptive_stop=(bool, Field(True, description="may a request turn adaptive stopping off (or on)?")),
 )

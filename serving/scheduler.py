@@ -118,6 +118,8 @@ class StepOutcome:
     draft: list[int] | None  # the argmax canvas, when drafts are streamed
     tokens: list[int] | None = None  # done: the committed canvas, cut after its first EOS
     eos: bool = False  # done: the canvas held an EOS
+    logprobs: list[float] | None = None  # done, when asked for: per committed token (CanvasEvent)
+    top_logprobs: list[list[tuple[int, float]]] | None = None
 
 
 @dataclass

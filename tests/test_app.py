@@ -55,12 +55,17 @@ def test_openai_client_plain_and_streaming(app):
     chat = raw.parse()
     assert chat.choices[0].message.content.split() == ["d", "c", "b", "a"]
     # the engine's id is Serve's request id: the response id, and the x-request-id header once (not echoed twice)
-    assert raw.headers.get_list("x-request-id") == [chat.id]
+    assert ["chatcmpl-" + i for i in raw.headers.get_list("x-request-id")] == [chat.id]
     assert chat.usage.completion_tokens > 0 and chat.usage.prompt_tokens > 0
 
     pieces, last = [], None
     for chunk in client.chat.completions.create(
-        model=model, messages=[{"role": "user", "content": "reverse: a b c d"}], seed=3, max_tokens=16, stream=True
+        model=model,
+        messages=[{"role": "user", "content": "reverse: a b c d"}],
+        seed=3,
+        max_tokens=16,
+        stream=True,
+        stream_options={"include_usage": True},
     ):
         pieces += [c.delta.content or "" for c in chunk.choices]
         last = chunk

@@ -119,10 +119,11 @@ def test_the_engines_request_id_is_the_one_the_client_sees():
 
     chat, mine, native, unary, streamed, bad, engine_ids = run(main())
     assert chat.status_code == 200 and chat.json()["choices"][0]["message"]["content"].split() == ["c", "b", "a"]
-    assert chat.json()["id"] == chat.headers["x-request-id"] == engine_ids[0]
+    assert chat.json()["id"] == "chatcmpl-" + chat.headers["x-request-id"] == "chatcmpl-" + engine_ids[0]
     assert uuid.UUID(engine_ids[0])  # without a client's id, a new UUID, as Serve's proxy gives
     assert chat.headers.get_list("x-request-id") == [engine_ids[0]]  # the header once
-    assert mine.json()["id"] == mine.headers["x-request-id"] == engine_ids[1] == "client-7.a"
+    assert mine.json()["id"] == "chatcmpl-" + mine.headers["x-request-id"] == "chatcmpl-client-7.a"
+    assert engine_ids[1] == "client-7.a"
     final = sse_events(native.text)[-1]
     assert final["type"] == "final" and final["id"] == native.headers["x-request-id"] == engine_ids[2]
     assert unary.request_id == engine_ids[3] and unary.text.split() == ["r", "q", "p"]

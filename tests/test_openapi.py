@@ -5,12 +5,9 @@ codes, content types, bodies) where the document says."""
 
 from __future__ import annotations
 
-import asyncio
-import threading
-
+import live
 import pytest
 import schemathesis
-import uvicorn
 import yaml
 from hypothesis import HealthCheck, given, settings
 from schemathesis import GenerationMode
@@ -23,11 +20,7 @@ from schemathesis.specs.openapi.checks import (
 )
 from test_frontend import ARGS
 
-from loadtest.serve_run import free_port
 from serving.config import AppConfig
-from serving.frontend import Frontend, LocalPool
-from serving.http_server import http_app
-from serving.replica import local_replica
 
 pytestmark = pytest.mark.slow
 
@@ -37,29 +30,8 @@ CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance,
 
 @pytest.fixture(scope="module")
 def live_http():
-    """The HTTP app on uvicorn in a thread of its own (its loop runs the engine too), on a free loopback port."""
-    port, ready, box = free_port(), threading.Event(), {}
-
-    async def serve() -> None:
-        config = AppConfig(**(ARGS | {"max_body_bytes": 64 * 1024}))
-        (name, pool), *_ = config.pools.items()
-        replica = await local_replica(config.model, pool.model_dump(), name)
-        frontend = Frontend(config, {name: LocalPool(replica)})
-        server = uvicorn.Server(uvicorn.Config(http_app(frontend), host="127.0.0.1", port=port, log_level="warning"))
-        box["server"] = server
-        task = asyncio.ensure_future(server.serve())
-        while not server.started:
-            await asyncio.sleep(0.05)
-        ready.set()
-        await task
-        await replica.engine.stop()
-
-    thread = threading.Thread(target=lambda: asyncio.run(serve()), daemon=True)
-    thread.start()
-    assert ready.wait(120), "the app did not start"
-    yield f"http://127.0.0.1:{port}"
-    box["server"].should_exit = True
-    thread.join(60)
+    with live.live_http(AppConfig(**(ARGS | {"max_body_bytes": 64 * 1024}))) as (url, _):
+        yield url
 
 
 @pytest.fixture(scope="module")

@@ -174,13 +174,40 @@ def test_fused_vocabulary_pass_matches_plain_logits(window):
     hidden = net.denoise(d.cache, idx, d.canvas[idx], None)
     step = torch.tensor([0, 3, 7])
     temp = temperature(step, d.cap[idx], d.t_min[idx], d.t_max[idx])
-    entropy, sample, argmax, soft = d._vocab_pass(hidden, temp, idx, step)
+    top_k = torch.tensor([3, -1, 0])  # top 3 alternatives, none at all, the chosen token's alone
+    entropy, sample, argmax, soft, lp = d._vocab_pass(hidden, temp, idx, step, top_k=top_k)
     processed = net.logits(hidden) / temp[:, None, None]
     ref_entropy = torch.distributions.Categorical(logits=processed).entropy()
     assert torch.allclose(entropy, ref_entropy, atol=1e-4)
     assert torch.equal(argmax, processed.argmax(-1))
     assert torch.allclose(soft, net.soft_embedding(torch.softmax(processed, -1)), atol=1e-4)
     assert sample.min() >= 0 and sample.max() < c.vocab_size
+    # log-probabilities: the model's own (untempered) distribution, for the rows that asked
+    ref = torch.log_softmax(net.logits(hidden), -1)
+    for row in (0, 2):
+        assert torch.allclose(lp.chosen[row], ref[row].gather(-1, argmax[row, :, None])[:, 0], atol=1e-4)
+    ref_top, ref_ids = ref[0].topk(3, dim=-1)
+    assert torch.equal(lp.top_ids[0], ref_ids)
+    assert torch.allclose(lp.top[0], ref_top, atol=1e-4)
+    assert lp.chosen[1].isnan().all() and (lp.top_ids[1] == -1).all()
+
+
+def test_temperature_scales_the_schedule_and_zero_is_the_argmax_path(window):
+    """A request's temperature multiplies its t_max -> t_min schedule: 0.5 over (0.4, 0.8) runs exactly as 1 over
+    (0.2, 0.4). At 0 every sample is the argmax, so every position is accepted on the first step."""
+    net, _ = load_network(str(window.path))
+    d = Denoiser(net, slots=2, max_context=64, eos_token_ids=())
+    prompt = [2, 7, 8]
+    half = SamplerSettings(max_denoising_steps=4, t_min=0.4, t_max=0.8, temperature=0.5)
+    same = SamplerSettings(max_denoising_steps=4, t_min=0.2, t_max=0.4)
+    a, b = (d.generate([Request(prompt, 32, s, seed=5)])[0] for s in (half, same))
+    assert a.tokens == b.tokens and a.steps == b.steps
+    greedy = SamplerSettings(max_denoising_steps=4, temperature=0.0)
+    d.admit(0, greedy, seed=1)
+    d.prefill([0], [prompt])
+    d.start_canvas([0])
+    first = d.step([0])
+    assert torch.equal(d.canvas[0], first.argmax[0])  # every position took its argmax
 
 
 def test_generation_is_reproducible_and_seed_dependent(window):

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n(protos/diffusiongemma/v1/diffusion.proto\x12\x11\x64iffusiongemma.v1\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\xda\x02\n\x10SamplerOverrides\x12 \n\x13max_denoising_steps\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x1a\n\rentropy_bound\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05t_min\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05t_max\x18\x04 \x01(\x02H\x03\x88\x01\x01\x12 \n\x13stability_threshold\x18\x05 \x01(\x05H\x04\x88\x01\x01\x12!\n\x14\x63onfidence_threshold\x18\x06 \x01(\x02H\x05\x88\x01\x01\x12\x1a\n\radaptive_stop\x18\x07 \x01(\x08H\x06\x88\x01\x01\x42\x16\n\x14_max_denoising_stepsB\x10\n\x0e_entropy_boundB\x08\n\x06_t_minB\x08\n\x06_t_maxB\x16\n\x14_stability_thresholdB\x17\n\x15_confidence_thresholdB\x10\n\x0e_adaptive_stop\"\x81\x02\n\x0fGenerateRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12\x14\n\nraw_prompt\x18\x02 \x01(\tH\x00\x12\x30\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x1b.diffusiongemma.v1.TokenIdsH\x00\x12\x0c\n\x04tier\x18\x04 \x01(\t\x12\x16\n\x0emax_new_tokens\x18\x05 \x01(\x05\x12\x11\n\x04seed\x18\x06 \x01(\x04H\x01\x88\x01\x01\x12\x34\n\x07sampler\x18\x07 \x01(\x0b\x32#.diffusiongemma.v1.SamplerOverrides\x12\x15\n\rstream_drafts\x18\x08 \x01(\x08\x42\x07\n\x05inputB\x07\n\x05_seed\"\xb0\x01\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x18\n\x10generated_tokens\x18\x02 \x01(\x05\x12\x10\n\x08\x63\x61nvases\x18\x03 \x01(\x05\x12\x18\n\x10steps_per_canvas\x18\x04 \x03(\x05\x12\x14\n\x0cqueue_time_s\x18\x05 \x01(\x01\x12\x1e\n\x16time_to_first_canvas_s\x18\x06 \x01(\x01\x12\x14\n\x0ctotal_time_s\x18\x07 \x01(\x01\"\x95\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04tier\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x11\n\ttoken_ids\x18\x04 \x03(\x05\x12\x15\n\rfinish_reason\x18\x05 \x01(\t\x12\'\n\x05usage\x18\x06 \x01(\x0b\x32\x18.diffusiongemma.v1.Usage\"G\n\x06\x43\x61nvas\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\r\n\x05steps\x18\x04 \x01(\x05\"L\n\x05\x44raft\x12\x14\n\x0c\x63\x61nvas_index\x18\x01 \x01(\x05\x12\x0c\n\x04step\x18\x02 \x01(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x11\n\ttoken_ids\x18\x04 \x03(\x05\"i\n\x05\x46inal\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04tier\x18\x02 \x01(\t\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12\'\n\x05usage\x18\x04 \x01(\x0b\x32\x18.diffusiongemma.v1.Usage\"\x9a\x01\n\rGenerateChunk\x12+\n\x06\x63\x61nvas\x18\x01 \x01(\x0b\x32\x19.diffusiongemma.v1.CanvasH\x00\x12)\n\x05\x64raft\x18\x02 \x01(\x0b\x32\x18.diffusiongemma.v1.DraftH\x00\x12)\n\x05\x66inal\x18\x03 \x01(\x0b\x32\x18.diffusiongemma.v1.FinalH\x00\x42\x06\n\x04kind2\xc1\x01\n\x10\x44iffusionService\x12S\n\x08Generate\x12\".diffusiongemma.v1.GenerateRequest\x1a#.diffusiongemma.v1.GenerateResponse\x12X\n\x0eGenerateStream\x12\".diffusiongemma.v1.GenerateRequest\x1a .diffusiongemma.v1.GenerateChunk0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n(protos/diffusiongemma/v1/diffusion.proto\x12\x11\x64iffusiongemma.v1\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\x84\x03\n\x10SamplerOverrides\x12 \n\x13max_denoising_steps\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x1a\n\rentropy_bound\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05t_min\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05t_max\x18\x04 \x01(\x02H\x03\x88\x01\x01\x12 \n\x13stability_threshold\x18\x05 \x01(\x05H\x04\x88\x01\x01\x12!\n\x14\x63onfidence_threshold\x18\x06 \x01(\x02H\x05\x88\x01\x01\x12\x1a\n\radaptive_stop\x18\x07 \x01(\x08H\x06\x88\x01\x01\x12\x18\n\x0btemperature\x18\x08 \x01(\x02H\x07\x88\x01\x01\x42\x16\n\x14_max_denoising_stepsB\x10\n\x0e_entropy_boundB\x08\n\x06_t_minB\x08\n\x06_t_maxB\x16\n\x14_stability_thresholdB\x17\n\x15_confidence_thresholdB\x10\n\x0e_adaptive_stopB\x0e\n\x0c_temperature\"\x8f\x02\n\x0fGenerateRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12\x14\n\nraw_prompt\x18\x02 \x01(\tH\x00\x12\x30\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x1b.diffusiongemma.v1.TokenIdsH\x00\x12\x0c\n\x04tier\x18\x04 \x01(\t\x12\x16\n\x0emax_new_tokens\x18\x05 \x01(\x05\x12\x11\n\x04seed\x18\x06 \x01(\x04H\x01\x88\x01\x01\x12\x34\n\x07sampler\x18\x07 \x01(\x0b\x32#.diffusiongemma.v1.SamplerOverrides\x12\x15\n\rstream_drafts\x18\x08 \x01(\x08\x12\x0c\n\x04stop\x18\t \x03(\tB\x07\n\x05inputB\x07\n\x05_seed\"\xb0\x01\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x18\n\x10generated_tokens\x18\x02 \x01(\x05\x12\x10\n\x08\x63\x61nvases\x18\x03 \x01(\x05\x12\x18\n\x10steps_per_canvas\x18\x04 \x03(\x05\x12\x14\n\x0cqueue_time_s\x18\x05 \x01(\x01\x12\x1e\n\x16time_to_first_canvas_s\x18\x06 \x01(\x01\x12\x14\n\x0ctotal_time_s\x18\x07 \x01(\x01\"\x95\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04tier\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x11\n\ttoken_ids\x18\x04 \x03(\x05\x12\x15\n\rfinish_reason\x18\x05 \x01(\t\x12\'\n\x05usage\x18\x06 \x01(\x0b\x32\x18.diffusiongemma.v1.Usage\"G\n\x06\x43\x61nvas\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\r\n\x05steps\x18\x04 \x01(\x05\"L\n\x05\x44raft\x12\x14\n\x0c\x63\x61nvas_index\x18\x01 \x01(\x05\x12\x0c\n\x04step\x18\x02 \x01(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x11\n\ttoken_ids\x18\x04 \x03(\x05\"w\n\x05\x46inal\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04tier\x18\x02 \x01(\t\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12\'\n\x05usage\x18\x04 \x01(\x0b\x32\x18.diffusiongemma.v1.Usage\x12\x0c\n\x04text\x18\x05 \x01(\t\"\x9a\x01\n\rGenerateChunk\x12+\n\x06\x63\x61nvas\x18\x01 \x01(\x0b\x32\x19.diffusiongemma.v1.CanvasH\x00\x12)\n\x05\x64raft\x18\x02 \x01(\x0b\x32\x18.diffusiongemma.v1.DraftH\x00\x12)\n\x05\x66inal\x18\x03 \x01(\x0b\x32\x18.diffusiongemma.v1.FinalH\x00\x42\x06\n\x04kind2\xc1\x01\n\x10\x44iffusionService\x12S\n\x08Generate\x12\".diffusiongemma.v1.GenerateRequest\x1a#.diffusiongemma.v1.GenerateResponse\x12X\n\x0eGenerateStream\x12\".diffusiongemma.v1.GenerateRequest\x1a .diffusiongemma.v1.GenerateChunk0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,21 +34,21 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TOKENIDS']._serialized_start=63
   _globals['_TOKENIDS']._serialized_end=86
   _globals['_SAMPLEROVERRIDES']._serialized_start=89
-  _globals['_SAMPLEROVERRIDES']._serialized_end=435
-  _globals['_GENERATEREQUEST']._serialized_start=438
-  _globals['_GENERATEREQUEST']._serialized_end=695
-  _globals['_USAGE']._serialized_start=698
-  _globals['_USAGE']._serialized_end=874
-  _globals['_GENERATERESPONSE']._serialized_start=877
-  _globals['_GENERATERESPONSE']._serialized_end=1026
-  _globals['_CANVAS']._serialized_start=1028
-  _globals['_CANVAS']._serialized_end=1099
-  _globals['_DRAFT']._serialized_start=1101
-  _globals['_DRAFT']._serialized_end=1177
-  _globals['_FINAL']._serialized_start=1179
-  _globals['_FINAL']._serialized_end=1284
-  _globals['_GENERATECHUNK']._serialized_start=1287
-  _globals['_GENERATECHUNK']._serialized_end=1441
-  _globals['_DIFFUSIONSERVICE']._serialized_start=1444
-  _globals['_DIFFUSIONSERVICE']._serialized_end=1637
+  _globals['_SAMPLEROVERRIDES']._serialized_end=477
+  _globals['_GENERATEREQUEST']._serialized_start=480
+  _globals['_GENERATEREQUEST']._serialized_end=751
+  _globals['_USAGE']._serialized_start=754
+  _globals['_USAGE']._serialized_end=930
+  _globals['_GENERATERESPONSE']._serialized_start=933
+  _globals['_GENERATERESPONSE']._serialized_end=1082
+  _globals['_CANVAS']._serialized_start=1084
+  _globals['_CANVAS']._serialized_end=1155
+  _globals['_DRAFT']._serialized_start=1157
+  _globals['_DRAFT']._serialized_end=1233
+  _globals['_FINAL']._serialized_start=1235
+  _globals['_FINAL']._serialized_end=1354
+  _globals['_GENERATECHUNK']._serialized_start=1357
+  _globals['_GENERATECHUNK']._serialized_end=1511
+  _globals['_DIFFUSIONSERVICE']._serialized_start=1514
+  _globals['_DIFFUSIONSERVICE']._serialized_end=1707
 # @@protoc_insertion_point(module_scope)

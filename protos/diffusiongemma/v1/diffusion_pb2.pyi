@@ -13,7 +13,7 @@ class TokenIds(_message.Message):
     def __init__(self, ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class SamplerOverrides(_message.Message):
-    __slots__ = ("max_denoising_steps", "entropy_bound", "t_min", "t_max", "stability_threshold", "confidence_threshold", "adaptive_stop")
+    __slots__ = ("max_denoising_steps", "entropy_bound", "t_min", "t_max", "stability_threshold", "confidence_threshold", "adaptive_stop", "temperature")
     MAX_DENOISING_STEPS_FIELD_NUMBER: _ClassVar[int]
     ENTROPY_BOUND_FIELD_NUMBER: _ClassVar[int]
     T_MIN_FIELD_NUMBER: _ClassVar[int]
@@ -21,6 +21,7 @@ class SamplerOverrides(_message.Message):
     STABILITY_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     CONFIDENCE_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     ADAPTIVE_STOP_FIELD_NUMBER: _ClassVar[int]
+    TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
     max_denoising_steps: int
     entropy_bound: float
     t_min: float
@@ -28,10 +29,11 @@ class SamplerOverrides(_message.Message):
     stability_threshold: int
     confidence_threshold: float
     adaptive_stop: bool
-    def __init__(self, max_denoising_steps: _Optional[int] = ..., entropy_bound: _Optional[float] = ..., t_min: _Optional[float] = ..., t_max: _Optional[float] = ..., stability_threshold: _Optional[int] = ..., confidence_threshold: _Optional[float] = ..., adaptive_stop: _Optional[bool] = ...) -> None: ...
+    temperature: float
+    def __init__(self, max_denoising_steps: _Optional[int] = ..., entropy_bound: _Optional[float] = ..., t_min: _Optional[float] = ..., t_max: _Optional[float] = ..., stability_threshold: _Optional[int] = ..., confidence_threshold: _Optional[float] = ..., adaptive_stop: _Optional[bool] = ..., temperature: _Optional[float] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("text", "raw_prompt", "token_ids", "tier", "max_new_tokens", "seed", "sampler", "stream_drafts")
+    __slots__ = ("text", "raw_prompt", "token_ids", "tier", "max_new_tokens", "seed", "sampler", "stream_drafts", "stop")
     TEXT_FIELD_NUMBER: _ClassVar[int]
     RAW_PROMPT_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -40,6 +42,7 @@ class GenerateRequest(_message.Message):
     SEED_FIELD_NUMBER: _ClassVar[int]
     SAMPLER_FIELD_NUMBER: _ClassVar[int]
     STREAM_DRAFTS_FIELD_NUMBER: _ClassVar[int]
+    STOP_FIELD_NUMBER: _ClassVar[int]
     text: str
     raw_prompt: str
     token_ids: TokenIds
@@ -48,7 +51,8 @@ class GenerateRequest(_message.Message):
     seed: int
     sampler: SamplerOverrides
     stream_drafts: bool
-    def __init__(self, text: _Optional[str] = ..., raw_prompt: _Optional[str] = ..., token_ids: _Optional[_Union[TokenIds, _Mapping]] = ..., tier: _Optional[str] = ..., max_new_tokens: _Optional[int] = ..., seed: _Optional[int] = ..., sampler: _Optional[_Union[SamplerOverrides, _Mapping]] = ..., stream_drafts: _Optional[bool] = ...) -> None: ...
+    stop: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, text: _Optional[str] = ..., raw_prompt: _Optional[str] = ..., token_ids: _Optional[_Union[TokenIds, _Mapping]] = ..., tier: _Optional[str] = ..., max_new_tokens: _Optional[int] = ..., seed: _Optional[int] = ..., sampler: _Optional[_Union[SamplerOverrides, _Mapping]] = ..., stream_drafts: _Optional[bool] = ..., stop: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Usage(_message.Message):
     __slots__ = ("prompt_tokens", "generated_tokens", "canvases", "steps_per_canvas", "queue_time_s", "time_to_first_canvas_s", "total_time_s")
@@ -109,16 +113,18 @@ class Draft(_message.Message):
     def __init__(self, canvas_index: _Optional[int] = ..., step: _Optional[int] = ..., text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class Final(_message.Message):
-    __slots__ = ("request_id", "tier", "finish_reason", "usage")
+    __slots__ = ("request_id", "tier", "finish_reason", "usage", "text")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TIER_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     USAGE_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     tier: str
     finish_reason: str
     usage: Usage
-    def __init__(self, request_id: _Optional[str] = ..., tier: _Optional[str] = ..., finish_reason: _Optional[str] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ...) -> None: ...
+    text: str
+    def __init__(self, request_id: _Optional[str] = ..., tier: _Optional[str] = ..., finish_reason: _Optional[str] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., text: _Optional[str] = ...) -> None: ...
 
 class GenerateChunk(_message.Message):
     __slots__ = ("canvas", "draft", "final")
