@@ -202,13 +202,20 @@ class ChatOutput:
             starts = [(text.find(m, i), m) for m in (CHANNEL_OPEN, CALL_OPEN) if m != CALL_OPEN or self.parse_tools]
             at, marker = min(((p, m) for p, m in starts if p >= 0), default=(-1, ""))
             if at < 0:
-                content.append(text[i:])
+                rest = text[i:]
+                if not final:  # what may yet become a marker waits for the next canvas
+                    rest = rest[: len(rest) - self._partial_marker(rest)]
+                content.append(rest)
                 break
             content.append(text[i:at])
             close = CHANNEL_CLOSE if marker == CHANNEL_OPEN else CALL_CLOSE
             end = text.find(close, at + len(marker))
             inner = text[at + len(marker) : end if end >= 0 else len(text)]
             if marker == CHANNEL_OPEN:
+                if end < 0 and not final:
+                    if THOUGHT_LABEL.startswith(inner):
+                        break  # the channel's name still being written
+                    inner = inner[: len(inner) - self._partial_marker(inner)]
                 reasoning.append(inner.removeprefix(THOUGHT_LABEL))
             elif end < 0 and not final:
                 break  # a call still being written
@@ -221,6 +228,11 @@ class ChatOutput:
                 break
             i = end + len(close)
         return self._clean("".join(reasoning)), self._clean("".join(content)), calls
+
+    def _partial_marker(self, text: str) -> int:
+        """The length of the longest end of `text` that begins a marker or special token (0: none)."""
+        tokens = (CHANNEL_OPEN, CHANNEL_CLOSE, CALL_OPEN, *self.strip)
+        return max((n for t in tokens for n in range(1, len(t)) if text.endswith(t[:n])), default=0)
 
     def _clean(self, text: str) -> str:
         for token in self.strip:

@@ -123,4 +123,6 @@ def chat_message(choice: Choice, chunks: list[CanvasChunk], done: DoneChunk) -> 
     delta = merge(delta, choice.output.finish())
     message: dict[str, Any] = {"role": "assistant", "content": delta.content or (None if delta.calls else "")}
     message |= {k: v for k, v in chat_delta(choice, delta).items() if k != "content"}
+    for call in message.get("tool_calls", ()):
+        del call["index"]  # a position within a stream; a whole message lists its calls in order
     return message

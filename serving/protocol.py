@@ -141,6 +141,7 @@ class ToolCall(BaseModel):
     id: str = Field(..., max_length=256)
     type: Literal["function"] = "function"
     function: FunctionCall
+    index: int | None = None  # a streamed call's position, echoed back by some clients; not used
 
 
 class Message(BaseModel):
@@ -152,6 +153,9 @@ class Message(BaseModel):
     tool_calls: list[ToolCall] | None = None  # assistant: the calls it made
     tool_call_id: str | None = Field(None, max_length=256)  # tool: the call this answers
     reasoning_content: str | None = None  # assistant: its reasoning (dropped by the template after the turn)
+    # fields of an assistant reply that clients send back with it as they got it; not used
+    refusal: str | None = None
+    annotations: list | None = None
 
     @model_validator(mode="after")
     def _shape(self) -> Message:

@@ -196,3 +196,12 @@ def test_tools_on_a_model_whose_template_cannot_render_them_are_refused(server):
     r = httpx.post(f"{server[0]}/v1/chat/completions", json=bad, timeout=60)
     assert r.status_code == 400 and "arguments" in r.json()["error"]["param"], r.text
     assert json.loads(r.text)["error"]["type"] == "invalid_request_error"
+
+
+def test_chat_template_kwargs_reach_the_template(client, server):
+    thinking = chat(client, seed=7, max_tokens=16, extra_body={"chat_template_kwargs": {"enable_thinking": True}})
+    assert thinking.choices[0].finish_reason in ("stop", "length")  # the embedded model never learned to think
+    r = httpx.post(
+        f"{server[0]}/v1/chat/completions", json={"messages": ASK, "chat_template_kwargs": {"tokenize": False}}
+    )
+    assert r.status_code == 400 and r.json()["error"]["param"] == "chat_template_kwargs"

@@ -27,14 +27,18 @@ SPECIALS = [
 TURN_START, TURN_END = SPECIALS.index("<|turn>"), SPECIALS.index("<turn|>")
 IMAGE, BOI, EOI = SPECIALS.index("<|image|>"), SPECIALS.index("<|image>"), SPECIALS.index("<image|>")
 
-# DiffusionGemma's non-thinking turn format: the model turn opens with an empty thought channel.
+# DiffusionGemma's turn format: the model turn opens with an empty thought channel; with enable_thinking, a
+# system turn holding <|think|> comes first and the model turn opens bare (the model writes its thought channel).
+# The embedded model was trained on the non-thinking form only.
 CHAT_TEMPLATE = (
     "{{ bos_token }}"
+    "{% if enable_thinking %}<|turn>system\n<|think|>\n<turn|>\n{% endif %}"
     "{% for message in messages %}"
     "<|turn>{{ 'model' if message['role'] == 'assistant' else message['role'] }}\n"
     "{{ message['content'] | trim }}<turn|>\n"
     "{% endfor %}"
-    "{% if add_generation_prompt %}<|turn>model\n<|channel>thought\n<channel|>{% endif %}"
+    "{% if add_generation_prompt %}<|turn>model\n"
+    "{% if not enable_thinking %}<|channel>thought\n<channel|>{% endif %}{% endif %}"
 )
 
 
