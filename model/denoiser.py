@@ -17,6 +17,7 @@ from model import rng
 from model.config import MAX_TOP_LOGPROBS, SamplerSettings, canvas_count, context_needed
 from model.kv_cache import KVCache
 from model.network import Network
+from model.prefix_cache import PrefixCache
 from model.sampler import decide, draw, entropy_and_weights, row_max, temperature
 
 # The vocabulary pass's two fp32 [tile, V] buffers together: 512 MiB holds 256 tokens of the released model's
@@ -30,6 +31,7 @@ class Request:
     max_new_tokens: int
     settings: SamplerSettings = field(default_factory=SamplerSettings)
     seed: int = 0
+    template: list[int] | None = None  # fixed answer tokens, -1 where the sampler fills (Denoiser.admit)
 
 
 @dataclass
@@ -69,11 +71,14 @@ class Denoiser:
         vocab_workspace_bytes: int = VOCAB_WORKSPACE_BYTES,
         static_shapes: bool = False,
         compile: bool = False,
+        prefix_cache_bytes: int = 0,
+        prefix_block_tokens: int = 64,
     ):
         """static_shapes: the denoising forward attends over the whole cache capacity with a mask and always
         takes the soft embedding (zeros on a first step, which is exact), so its shapes depend on the row count
         only; compile (implies static_shapes): torch.compile that forward, with CUDA graphs on a GPU. A batcher
-        then pads rows to a few bucket sizes so each compiled graph is reused."""
+        then pads rows to a few bucket sizes so each compiled graph is reused. prefix_cache_bytes: memory for
+        the K/V of prompt blocks kept across requests (model/prefix_cache.py; 0: none)."""
         self.net = network
         c = network.config
         dev = network.device
@@ -83,6 +88,7 @@ class Denoiser:
         self.eos_ids = set(eos_token_ids)
         self.vocab_workspace_bytes = vocab_workspace_bytes
         self.cache = KVCache(c, slots, max_context, dev, network.dtype)
+        self.prefix = PrefixCache(self.cache, prefix_cache_bytes, prefix_block_tokens) if prefix_cache_bytes else None
         C = c.canvas_length
         i64 = dict(dtype=torch.int64, device=dev)
         f32 = dict(dtype=torch.float32, device=dev)
@@ -102,6 +108,10 @@ class Denoiser:
         self.confidence = torch.zeros(slots, **f32)
         self.temp_scale = torch.ones(slots, **f32)  # the request's temperature: a factor on its schedule
         self.top_logprobs = torch.full((slots,), -1, **i64)  # -1: no log-probabilities; k >= 0: chosen + top k
+        # canvas templates: per slot, the answer's fixed tokens (-1: a free position) and the current canvas's part
+        self.templates: dict[int, list[int]] = {}
+        self.fixed = torch.zeros(slots, C, dtype=torch.bool, device=dev)
+        self.fixed_ids = torch.zeros(slots, C, **i64)
         self._buffers: tuple[torch.Tensor, torch.Tensor] | None = None
         self.static_shapes = static_shapes or compile
         self._denoise = network.denoise
@@ -120,9 +130,20 @@ class Denoiser:
 
     # ---------------------------------------------------------------- step-level API
 
-    def admit(self, slot: int, settings: SamplerSettings, seed: int, logprobs: int | None = None) -> None:
+    def admit(
+        self,
+        slot: int,
+        settings: SamplerSettings,
+        seed: int,
+        logprobs: int | None = None,
+        template: list[int] | None = None,
+    ) -> None:
         """Claim a free slot for a new request (its prompt goes in with `prefill`). logprobs: None for none, k
-        for each committed token's log-probability and the top k alternatives' (k <= MAX_TOP_LOGPROBS)."""
+        for each committed token's log-probability and the top k alternatives' (k <= MAX_TOP_LOGPROBS).
+        template: the answer's first tokens, fixed, with -1 at the positions the sampler fills (canvas k takes
+        template[k*C : (k+1)*C]; positions past its end are free): fixed positions never change."""
+        if template is not None and any(not -1 <= t < self.config.vocab_size for t in template):
+            raise ValueError(f"template ids must be -1 (free) or within [0, {self.config.vocab_size})")
         if logprobs is not None and not 0 <= logprobs <= MAX_TOP_LOGPROBS:
             raise ValueError(f"logprobs must be within [0, {MAX_TOP_LOGPROBS}], got {logprobs!r}")
         if settings.stability_threshold > self.history.shape[1]:
@@ -141,15 +162,50 @@ class Denoiser:
         self.confidence[slot] = -math.inf if conf is None else conf
         self.temp_scale[slot] = settings.temperature
         self.top_logprobs[slot] = -1 if logprobs is None else logprobs
+        self.fixed[slot] = False
+        if template and any(t >= 0 for t in template):
+            self.templates[slot] = list(template)
+        else:
+            self.templates.pop(slot, None)
 
     def prefill(self, slots: list[int], prompts: list[list[int]]) -> None:
         self.encode(slots, prompts, [])
 
-    def encode(self, prefill_slots: list[int], prompts: list[list[int]], commit_slots: list[int]) -> None:
+    def encode(self, prefill_slots: list[int], prompts: list[list[int]], commit_slots: list[int]) -> list[int]:
         """One causal forward that appends prompts to some slots and committed argmax canvases to others: both
-        are the same encoder pass, so a batcher runs them together (rows right-padded to the longest)."""
+        are the same encoder pass, so a batcher runs them together (rows right-padded to the longest). With a
+        prefix cache, a prompt's cached blocks are copied in first and only the rest is encoded, and its other
+        whole blocks are stored as the forward computes them. Returns the prompt tokens each prefill row took
+        from the cache."""
         if prompts and min(len(p) for p in prompts) == 0:
             raise ValueError("a prompt must hold at least one token")
+        if self.prefix is None or not prompts:
+            self._encode(prefill_slots, prompts, commit_slots)
+            return [0] * len(prompts)
+        held, captures, rest = [], [], []
+        try:
+            for row, (slot, prompt) in enumerate(zip(prefill_slots, prompts)):
+                blocks = self.prefix.match(prompt)
+                held.append(blocks)
+                self.prefix.restore(slot, blocks)
+                capture = self.prefix.plan_capture(row, prompt, len(blocks))
+                if capture is not None:
+                    captures.append(capture)
+                rest.append(prompt[len(blocks) * self.prefix.block_tokens :])
+            self.cache.capture = (self.prefix, captures) if captures else None
+            self._encode(prefill_slots, rest, commit_slots)
+            ok = True
+        except BaseException:
+            ok = False
+            raise
+        finally:
+            self.cache.capture = None
+            self.prefix.commit(captures, ok)
+            for blocks in held:
+                self.prefix.release(blocks)
+        return [len(p) - len(r) for p, r in zip(prompts, rest)]
+
+    def _encode(self, prefill_slots: list[int], prompts: list[list[int]], commit_slots: list[int]) -> None:
         dev = self.net.device
         C = self.canvas_length
         n = max([len(p) for p in prompts] + ([C] if commit_slots else []))
@@ -172,6 +228,8 @@ class Denoiser:
         self.canvas[idx] = rng.random_ids(
             self.seed[idx], self.canvas_index[idx], zero, rng.INIT, self.canvas_length, self.config.vocab_size
         )
+        for slot in (s for s in slots if s in self.templates):
+            self._template_canvas(slot)
         self.step_index[idx] = 0
         self.history[idx] = -1
         self.soft[idx] = 0.0
@@ -194,6 +252,13 @@ class Denoiser:
         top_k = self.top_logprobs[idx].cpu()
         entropy, sample, argmax, soft_new, logprobs = self._vocab_pass(hidden, temp, idx, step, needs_soft, top_k)
         sample = torch.where((scale == 0)[:, None], argmax, sample)  # temperature 0: the argmax path, exactly
+        free = templated = None
+        if any(s in self.templates for s in slots):  # fixed positions: their own token, certain, always accepted
+            fixed, fixed_ids = self.fixed[idx], self.fixed_ids[idx]
+            argmax = torch.where(fixed, fixed_ids, argmax)
+            sample = torch.where(fixed, fixed_ids, sample)
+            entropy = entropy.masked_fill(fixed, 0.0)
+            free, templated = ~fixed, fixed.any(-1)
         history = self.history[idx]
         d = decide(
             entropy,
@@ -208,7 +273,11 @@ class Denoiser:
             seed=self.seed[idx],
             canvas_index=self.canvas_index[idx],
             vocab_size=self.config.vocab_size,
+            free=free,
+            templated=templated,
         )
+        if free is not None:
+            d.canvas = torch.where(~free, argmax, d.canvas)
         self.canvas[idx] = d.canvas
         self.argmax[idx] = d.argmax
         self.history[idx] = history
@@ -217,12 +286,24 @@ class Denoiser:
         self.step_index[idx] = step + 1
         return StepResult(d.done.tolist(), (step + 1).tolist(), d.argmax, logprobs)
 
+    def _template_canvas(self, slot: int) -> None:
+        """The slot's template part for its current canvas, fixed in the canvas (the rest stays free)."""
+        C = self.canvas_length
+        k = int(self.canvas_index[slot])
+        part = self.templates[slot][k * C : (k + 1) * C]
+        ids = torch.tensor(part + [-1] * (C - len(part)), dtype=torch.int64, device=self.net.device)
+        self.fixed[slot] = ids >= 0
+        self.fixed_ids[slot] = ids.clamp(min=0)
+        self.canvas[slot] = torch.where(self.fixed[slot], self.fixed_ids[slot], self.canvas[slot])
+
     def commit(self, slots: list[int]) -> None:
         """Encode the slots' argmax canvases into the cache; the next canvas starts after them."""
         self.encode([], [], slots)
 
     def release(self, slots: list[int]) -> None:
         self.cache.reset(torch.tensor(slots, dtype=torch.int64, device=self.net.device))
+        for slot in slots:
+            self.templates.pop(slot, None)
 
     # ---------------------------------------------------------------- the vocabulary pass
 
@@ -362,7 +443,7 @@ class Denoiser:
                 )
         slots = list(range(len(requests)))
         for s, r in zip(slots, requests):
-            self.admit(s, r.settings, r.seed)
+            self.admit(s, r.settings, r.seed, template=r.template)
         self.prefill(slots, [r.prompt for r in requests])
         self.start_canvas(slots)
         out = [Generation([], "length", []) for _ in requests]

@@ -36,6 +36,9 @@ class KVCache:
             shape = (slots, cap, config.kv_heads[i], config.head_dims[i])
             self.keys.append(torch.zeros(shape, device=device, dtype=dtype))
             self.values.append(torch.zeros(shape, device=device, dtype=dtype))
+        # set for one causal forward by a prefix cache (model/prefix_cache.py): (store, captures) whose blocks
+        # are copied out of every layer's new K/V as the forward computes them
+        self.capture: tuple | None = None
 
     def reset(self, slots: torch.Tensor) -> None:
         """Free slots for new requests (their stale entries are masked by length, so nothing is cleared)."""
@@ -89,6 +92,9 @@ class KVCache:
         n_keys, mask = plan
         sliding = self.config.is_sliding(layer)
         ck, cv = self.keys[layer], self.values[layer]
+        if causal and self.capture is not None:
+            store, captures = self.capture
+            store.write_captured(layer, k, v, captures)
         if causal and not sliding:
             self._write(ck, cv, k, v, pos, keep_last=None)
             keys, values = ck[pos.slots, :n_keys], cv[pos.slots, :n_keys]

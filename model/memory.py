@@ -115,10 +115,12 @@ class Plan:
     state: int
     vocab_buffers: int
     step_peak: int
+    prefix_cache: int = 0
 
     @property
     def total(self) -> int:
-        return sum(self.weights.values()) + self.kv_cache + self.state + self.vocab_buffers + self.step_peak
+        parts = (self.kv_cache, self.state, self.vocab_buffers, self.step_peak, self.prefix_cache)
+        return sum(self.weights.values()) + sum(parts)
 
     def report(self) -> dict:
         gb = lambda n: round(n / GB, 3)  # noqa: E731
@@ -126,6 +128,7 @@ class Plan:
             "weights_gb": gb(sum(self.weights.values())),
             "weights_by_group_gb": {k: gb(v) for k, v in self.weights.items()},
             "kv_cache_gb": gb(self.kv_cache),
+            "prefix_cache_gb": gb(self.prefix_cache),
             "state_gb": gb(self.state),
             "workspace_gb": gb(self.vocab_buffers + self.step_peak),
             "vocab_buffers_gb": gb(self.vocab_buffers),
@@ -143,15 +146,20 @@ def plan(
     dtype: torch.dtype = torch.bfloat16,
     vocab_workspace_bytes: int = VOCAB_WORKSPACE_BYTES,
     device: torch.device | str = "meta",
+    prefix_cache_bytes: int = 0,
 ) -> Plan:
     """The replica's memory for `slots` requests of up to `max_context` tokens, stepping `rows` canvases at once
     on the grouped-expert path (the GPU's; the CPU's per-expert loop holds less). device: "meta" plans; a real
     device measures the same quantities on a real allocation (tests do that on small presets)."""
     net = random_network(config, device=device, dtype=dtype, weights=weights, compute_mode="native")
     net.use_grouped_mm = True
-    denoiser = Denoiser(net, slots, max_context, vocab_workspace_bytes=vocab_workspace_bytes, static_shapes=True)
+    denoiser = Denoiser(
+        net, slots, max_context, vocab_workspace_bytes=vocab_workspace_bytes, static_shapes=True,
+        prefix_cache_bytes=prefix_cache_bytes,
+    )  # fmt: skip
     buffers, peak = step_peak(denoiser, min(rows, slots))
-    return Plan(weight_groups(net), denoiser.cache.nbytes(), state_bytes(denoiser), buffers, peak)
+    prefix = denoiser.prefix.nbytes() if denoiser.prefix is not None else 0
+    return Plan(weight_groups(net), denoiser.cache.nbytes(), state_bytes(denoiser), buffers, peak, prefix)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -164,11 +172,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--max-context", type=int, default=4096)
     ap.add_argument("--rows", type=int, default=None, help="canvases stepped at once (default: all slots)")
     ap.add_argument("--vocab-workspace-mib", type=int, default=VOCAB_WORKSPACE_BYTES >> 20)
+    ap.add_argument("--prefix-cache-mb", type=float, default=0, help="the pool's prefix_cache_mb")
     args = ap.parse_args(argv)
     fmt = "dense" if args.weights == "bf16" else args.weights
     config = TextConfig.from_hf(PRESETS[args.preset])
     rows = args.rows or args.slots
-    p = plan(config, fmt, args.slots, args.max_context, rows, vocab_workspace_bytes=args.vocab_workspace_mib << 20)
+    p = plan(
+        config, fmt, args.slots, args.max_context, rows, vocab_workspace_bytes=args.vocab_workspace_mib << 20,
+        prefix_cache_bytes=int(args.prefix_cache_mb * 2**20),
+    )  # fmt: skip
     out = {
         "preset": args.preset,
         "weights": args.weights,

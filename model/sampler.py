@@ -128,12 +128,15 @@ def decide(
     seed: torch.Tensor,
     canvas_index: torch.Tensor,
     vocab_size: int,
+    free: torch.Tensor | None = None,
+    templated: torch.Tensor | None = None,
 ) -> StepDecision:
     """Accept, renoise and test stopping for one step of B rows.
 
     history [B, S, C] holds the argmax canvases of the previous S steps, newest first, -1 where none; it is
     shifted in place. stability [B] is each row's stability threshold (<= S); confidence [B] its threshold
-    (-inf turns adaptive stopping off).
+    (-inf turns adaptive stopping off). free [B, C]: with a canvas template, the positions the sampler fills
+    (the fixed ones carry entropy 0 here); the confidence of a `templated` [B] row is its free positions' mean.
     """
     accepted = accept(entropy, bound)
     noise = rng.random_ids(seed, canvas_index, step, rng.NOISE, entropy.shape[1], vocab_size)
@@ -146,6 +149,10 @@ def decide(
         history.copy_(torch.cat([argmax[:, None, :], history[:, :-1]], dim=1))
     else:
         stable = torch.ones(entropy.shape[0], dtype=torch.bool, device=entropy.device)
-    confident = entropy.mean(-1) < confidence
+    mean = entropy.mean(-1)
+    if free is not None:  # a templated row: the mean over the positions left to the sampler
+        free_mean = (entropy * free).sum(-1) / free.sum(-1).clamp(min=1)
+        mean = torch.where(templated, free_mean, mean)
+    confident = mean < confidence
     done = (stable & confident) | (step + 1 >= cap)
     return StepDecision(canvas, argmax, accepted, stable, confident, done)

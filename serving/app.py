@@ -26,7 +26,6 @@ def build(args: dict) -> Application:
     from serving.replica import DenoiserServer  # imports torch: only the builder and the replicas need it
 
     config = AppConfig(**args)
-    routing = RequestRouterConfig(request_router_class=StepAwareRouter, request_routing_stats_period_s=1.0)
     denoiser = serve.deployment(DenoiserServer, max_ongoing_requests=MAX_ONGOING)
     pools = {}
     for name, pool in config.pools.items():
@@ -45,7 +44,11 @@ def build(args: dict) -> Application:
         else:
             options["num_replicas"] = pool.replicas or 1
         if pool.router == "step_aware":
-            options["request_router_config"] = routing
+            options["request_router_config"] = RequestRouterConfig(
+                request_router_class=StepAwareRouter,
+                request_routing_stats_period_s=1.0,
+                request_router_kwargs={"prefix_routing": pool.prefix_routing},
+            )
         pools[name] = denoiser.options(**options).bind(config.model, pool.model_dump(), name)
     ingress = serve.deployment(serve.ingress()(Ingress), name="Ingress", max_ongoing_requests=MAX_ONGOING)
     # the router relays the pools' streams: it drains at least as long as the longest pool

@@ -104,6 +104,13 @@ class Pool(Strict):
     # 429. None: slots and max_queue alone (the most throughput; under overload the latency grows with the batch)
     max_slowdown: float | None = Field(None, gt=1)
     max_batch_rows: int | None = Field(None, ge=1)
+    # memory per replica for the K/V of prompt blocks kept across requests (model/prefix_cache.py): a prompt
+    # that starts with a cached block chain (a shared system prompt, earlier turns) encodes only the rest. 0: off
+    prefix_cache_mb: float = Field(64, ge=0)
+    prefix_block_tokens: int = Field(64, ge=1, le=4096)  # tokens per cached block (prompts share whole blocks)
+    # step_aware router: among replicas of close load, prefer the one whose prefix cache holds the request's
+    # prompt start (serving/routing.py)
+    prefix_routing: bool = True
     num_gpus: float = Field(0, ge=0)
     num_cpus: float = Field(1, ge=0)
     threads: int | None = Field(None, ge=1)  # torch threads on CPU (Ray sets OMP_NUM_THREADS=1 otherwise)

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry
 
-from model.config import MAX_TOP_LOGPROBS
+from model.config import MAX_TOP_LOGPROBS, canvas_count
 from model.denoiser import Denoiser
 from serving.latency_cap import LatencyCap
 from serving.metrics import engine_metrics
@@ -240,6 +240,8 @@ class Engine:
                 continue
             for job in plan.admit:
                 self.metrics.queue_time.labels(self.name).observe(job.admitted - job.arrived)
+                if self.denoiser.prefix is not None:
+                    self.metrics.prefix_queried_tokens.labels(self.name).inc(len(job.request.prompt))
             self._busy_since = began = time.monotonic()
             try:
                 outcome = await loop.run_in_executor(self._executor, self.runner.run, plan)
@@ -247,6 +249,9 @@ class Engine:
                 outcome = Outcome(failed={j.id: exc for j in plan.jobs()})
             finally:
                 self._busy_since = None
+            hits = sum(outcome.cached_tokens.values())
+            if hits:
+                self.metrics.prefix_hit_tokens.labels(self.name).inc(hits)
             if outcome.out_of_memory_rows is not None:
                 self._lower_rows(outcome.out_of_memory_rows)
             self._report(self.scheduler.apply(plan, outcome))
@@ -313,6 +318,7 @@ class Engine:
             queue_time_s=(job.admitted or now) - job.arrived,
             time_to_first_canvas_s=None if job.first_canvas is None else job.first_canvas - job.arrived,
             total_time_s=now - job.arrived,
+            cached_tokens=job.cached_tokens,
         )
         self.metrics.requests.labels(self.name, reason).inc()
         job.events.put_nowait(FinalEvent(reason, usage))
@@ -334,6 +340,12 @@ class Engine:
             raise InvalidRequest("max_new_tokens", f"must be an integer >= 1, got {r.max_new_tokens!r}")
         if r.logprobs is not None and not (isinstance(r.logprobs, int) and 0 <= r.logprobs <= MAX_TOP_LOGPROBS):
             raise InvalidRequest("top_logprobs", f"must be an integer within [0, {MAX_TOP_LOGPROBS}]")
+        if r.template is not None:
+            room = canvas_count(r.max_new_tokens, d.canvas_length) * d.canvas_length
+            if len(r.template) > room:
+                raise InvalidRequest("template", f"{len(r.template)} positions; the answer's canvases hold {room}")
+            if any(not isinstance(t, int) or isinstance(t, bool) or not -1 <= t < vocab for t in r.template):
+                raise InvalidRequest("template", f"ids must be -1 (free) or integers in [0, {vocab})")
         limit = d.history.shape[1]
         if r.settings.stability_threshold > limit:
             raise InvalidRequest("stability_threshold", f"must be <= {limit} on this engine")

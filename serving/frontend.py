@@ -122,6 +122,7 @@ class Requested:
     logprobs: int | None
     stop: list[str]
     special_tokens: bool = False
+    template: list[int] | None = None
 
 
 @dataclass
@@ -297,6 +298,19 @@ class Frontend:
     def raw_prompt(self, text: str) -> list[int]:
         return text_ids(self.tokenizer, text)
 
+    def template_ids(self, parts: list[str | int]) -> list[int]:
+        """A canvas template from its parts: text, fixed (tokenized on its own, no BOS), and counts of free
+        positions (-1 each), in answer order."""
+        ids: list[int] = []
+        for part in parts:
+            if isinstance(part, str):
+                ids += self.tokenizer.encode(part, add_special_tokens=False)
+            else:
+                ids += [-1] * part
+        if not ids:
+            raise InvalidRequest("template", "holds no position")
+        return ids
+
     # ---------------------------------------------------------------- one request
 
     async def open(
@@ -313,19 +327,22 @@ class Frontend:
         logprobs: int | None = None,
         stop: list[str] | None = None,
         special_tokens: bool = False,
+        template: list[int] | None = None,
     ) -> Opened:
         """Send the request to a replica of its tier's pool and wait until it is accepted (slot or queue
         place). Refusals raise here, before any reply is started; `protocol` labels the metrics; `key_id` (from
         `authenticate`) is charged against its key's limits. `logprobs`: None, or k for each committed token's
         log-probability and its top k alternatives'; `stop`: strings that end the answer (serving/stop.py);
         `special_tokens`: the text keeps them (a chat answer's channel and tool-call markers,
-        serving/chat_output.py)."""
+        serving/chat_output.py); `template`: the answer's fixed tokens, -1 where the sampler fills."""
         started = time.perf_counter()
         name = controls.tier or header_tier or self.config.default_tier
         try:
             if self.draining:
                 raise Draining("the service is draining for a restart; send the request again")
-            request = Requested(request_id, max_new_tokens, stream_drafts, logprobs, stop or [], special_tokens)
+            request = Requested(
+                request_id, max_new_tokens, stream_drafts, logprobs, stop or [], special_tokens, template
+            )
             return await self._open(ids, controls, name, request, protocol, started, key_id)
         except (InvalidRequest, Overloaded, Unavailable) as exc:
             self._refused(name, protocol, exc, key_id)
@@ -380,6 +397,7 @@ class Frontend:
             request_id=request_id,
             tier=name,
             logprobs=asked.logprobs,
+            template=asked.template,
         )
         grant = None if key_id is None else self.gate.admit(key_id, len(ids) + payload["max_new_tokens"])
         try:

@@ -28,6 +28,7 @@ from serving.frontend import (
     ReplicaLost,
     Unavailable,
 )
+from serving.protocol import MAX_FREE
 from serving.request import InvalidRequest, Overloaded, Usage
 from serving.sampling import OVERRIDE_NAMES, SamplerOverrides
 from serving.stop import check_stops
@@ -94,6 +95,7 @@ class DiffusionServicer:
             stops = check_stops(list(req.stop))
         except ValueError as exc:
             raise InvalidRequest("stop", str(exc)) from exc
+        template = self._template(req)
         return await self.frontend.open(
             ids,
             controls(req),
@@ -104,7 +106,22 @@ class DiffusionServicer:
             protocol="grpc",
             key_id=key_id,
             stop=stops,
+            template=template,
         )
+
+    def _template(self, req: pb.GenerateRequest) -> list[int] | None:
+        if not req.template:
+            return None
+        parts: list[str | int] = []
+        for part in req.template:
+            kind = part.WhichOneof("part")
+            if kind == "text" and part.text:
+                parts.append(part.text)
+            elif kind == "free" and 1 <= part.free <= MAX_FREE:
+                parts.append(part.free)
+            else:
+                raise InvalidRequest("template", f"each part is non-empty text or 1 to {MAX_FREE} free positions")
+        return self.frontend.template_ids(parts)
 
     async def Generate(self, req: pb.GenerateRequest, context: Any = None) -> pb.GenerateResponse:
         try:

@@ -264,6 +264,7 @@ def http_app(frontend: Frontend, assign_request_ids: bool = True) -> FastAPI:
         logprobs: int | None = None,
         stop: list[str] | None = None,
         special_tokens: bool = False,
+        template: list[int] | None = None,
     ) -> Opened | JSONResponse:
         """Tokenize and open; a refusal becomes its 400 / 429 / 503 before any byte is sent."""
         try:
@@ -279,6 +280,7 @@ def http_app(frontend: Frontend, assign_request_ids: bool = True) -> FastAPI:
                 logprobs=logprobs,
                 stop=stop,
                 special_tokens=special_tokens,
+                template=template,
             )
         except InvalidRequest as exc:
             return error_response(400, str(exc), exc.field)
@@ -466,9 +468,13 @@ def http_app(frontend: Frontend, assign_request_ids: bool = True) -> FastAPI:
             prompt = lambda: frontend.raw_prompt(body.prompt)
         else:
             prompt = lambda: body.token_ids
+        try:
+            template = frontend.template_ids(body.template) if body.template else None
+        except InvalidRequest as exc:
+            return error_response(400, str(exc), exc.field)
         opened = await open_request(
             prompt, body.controls(), request, body.max_new_tokens, body.stream_drafts,
-            logprobs=body.top_logprobs, stop=body.stop,
+            logprobs=body.top_logprobs, stop=body.stop, template=template,
         )  # fmt: skip
         if isinstance(opened, JSONResponse):
             return opened

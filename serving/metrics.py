@@ -16,6 +16,8 @@ Engine (label `engine` = the pool):
 - dgs_time_to_first_canvas_seconds (histogram): arrival to the first committed canvas
 - dgs_requests_total (counter, by outcome): eos, length, cancelled, error, rejected, overloaded
 - dgs_generated_tokens_total (counter): tokens committed to answers (its rate is the pool's throughput)
+- dgs_prefix_queried_tokens_total, dgs_prefix_hit_tokens_total (counters): prompt tokens looked up in the prefix
+  cache, and those restored from it instead of encoded (hit rate: their ratio; tokens saved: the second)
 - dgs_busy_seconds_total (counter): time the loop spent in iterations (a plan's forwards, then its events); its
   rate is the engine's utilisation (near 1: the replica is saturated and more load only queues)
 
@@ -23,6 +25,8 @@ Router (label `pool`):
 - dgs_route_outstanding_steps (histogram): the chosen replica's outstanding steps when a request was routed
 - dgs_route_stale_stats_total (counter): routings where no replica had fresh stats (ranked on what the router
   sent since, or on Serve's queue lengths)
+- dgs_route_prefix_held_total (counter): requests routed to a replica whose prefix cache holds the start of their
+  prompt (prefix-aware routing)
 
 Front end (labels `tier`, `protocol` = http / grpc):
 - dgs_frontend_requests_total (counter, also by `outcome`): ok, invalid, overloaded, unavailable, failed,
@@ -143,6 +147,12 @@ class EngineMetrics:
     out_of_memory: Any = Spec(
         "counter", "dgs_out_of_memory", "Forwards out of device memory (rows per forward lowered)", ("engine",)
     )
+    prefix_queried_tokens: Any = Spec(
+        "counter", "dgs_prefix_queried_tokens", "Prompt tokens looked up in the prefix cache", ("engine",)
+    )
+    prefix_hit_tokens: Any = Spec(
+        "counter", "dgs_prefix_hit_tokens", "Prompt tokens restored from the prefix cache, not encoded", ("engine",)
+    )
 
 
 @dataclass
@@ -153,6 +163,9 @@ class RouterMetrics:
     )  # fmt: skip
     stale_stats: Any = Spec(
         "counter", "dgs_route_stale_stats", "Routings without fresh replica stats (fallback ranking)", ("pool",)
+    )
+    prefix_routed: Any = Spec(
+        "counter", "dgs_route_prefix_held", "Requests routed to a replica holding the start of their prompt", ("pool",)
     )
 
 

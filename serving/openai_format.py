@@ -29,6 +29,7 @@ def openai_usage(u: Usage | None, tier: str, prompt_tokens: int = 0, completion_
         "prompt_tokens": u.prompt_tokens,
         "completion_tokens": u.generated_tokens,
         "total_tokens": u.prompt_tokens + u.generated_tokens,
+        "prompt_tokens_details": {"cached_tokens": u.cached_tokens},
         "canvases": u.canvases,
         "steps_per_canvas": u.steps_per_canvas,
         "tier": tier,

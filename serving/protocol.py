@@ -10,7 +10,7 @@ body does not. What each OpenAI field means for a diffusion sampler is in docs/a
 from __future__ import annotations
 
 import json
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -37,6 +37,7 @@ TEMPLATE_CALL_ARGS = {
     "return_dict", "return_assistant_tokens_mask", "tokenizer_kwargs", "processor_kwargs",
 }  # fmt: skip
 MAX_CHOICES = 8  # `n`: independent answers per request, each a row of the batch
+MAX_FREE = 4096  # free positions one template part may ask for
 STRICT = ConfigDict(extra="forbid")
 
 
@@ -249,6 +250,10 @@ class GenerateBody(Diffusion):
     stream_drafts: bool = False
     stop: str | list[str] | None = None
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)  # None: none; k: chosen token + top k
+    # a canvas template: the answer's first positions, as text parts (fixed) and counts of free positions
+    template: list[Annotated[str, Field(min_length=1)] | Annotated[int, Field(ge=1, le=MAX_FREE)]] | None = Field(
+        None, min_length=1, max_length=256
+    )
 
     @field_validator("stop")
     @classmethod

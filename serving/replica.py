@@ -27,6 +27,7 @@ from serving.request import Accepted, Event, GenerateRequest, InvalidRequest, Ov
 log = logging.getLogger("ray.serve")
 
 ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+ROUTED_KEYS = 8192  # cached prompt blocks a replica names to routers at most (the most recently used)
 # The engine's event loop (scheduling, events to callers) and the model runner's thread share the GIL. A thread
 # that wants it waits up to the switch interval while the other runs Python between torch calls; at Python's
 # 5 ms default every hand-over of a step's results could wait that long (docs/fleet.md measures it). The
@@ -51,7 +52,10 @@ class DenoiserServer:
         net, ckpt = load_network(model, device=device, dtype=dtype, weights=spec.weights)
         buckets = ROW_BUCKETS if spec.compile else None
         slots = spec.slots + (1 if buckets else 0)  # the scratch slot that pads row buckets
-        denoiser = Denoiser(net, slots, spec.max_context, ckpt.generation.eos_token_ids, compile=spec.compile)
+        denoiser = Denoiser(
+            net, slots, spec.max_context, ckpt.generation.eos_token_ids, compile=spec.compile,
+            prefix_cache_bytes=int(spec.prefix_cache_mb * 2**20), prefix_block_tokens=spec.prefix_block_tokens,
+        )  # fmt: skip
         self.engine = Engine(
             denoiser,
             max_batch_rows=spec.max_batch_rows,
@@ -94,7 +98,11 @@ class DenoiserServer:
         """Pulled by the controller for serving.routing.StepAwareRouter: the steps left per request, room left,
         and when they were read (the router counts what it sent after that on top)."""
         at, canvas = time.time(), self.engine.denoiser.canvas_length
-        return self.load() | {"work": self.engine.work(), "at": at, "canvas_length": canvas}
+        stats = self.load() | {"work": self.engine.work(), "at": at, "canvas_length": canvas}
+        prefix = self.engine.denoiser.prefix
+        if prefix is not None:  # the prompt blocks it holds, for prefix-aware routing
+            stats |= {"prefix_block_tokens": prefix.block_tokens, "prefix_keys": prefix.recent_keys(ROUTED_KEYS)}
+        return stats
 
     def record_autoscaling_stats(self) -> dict[str, float]:
         """Pulled by Serve for serving.autoscaling.WorkPolicy: the work this replica holds."""

@@ -40,6 +40,8 @@ class GenerateRequest:
     tier: str = ""  # the front end's tier: the scheduler shares queue places and slots between tiers
     # None: no log-probabilities; k: each committed token's and its top k alternatives' (from the final step)
     logprobs: int | None = None
+    # a canvas template: the answer's first tokens, fixed, with -1 where the sampler fills (model/denoiser.py)
+    template: list[int] | None = None
 
     def __post_init__(self) -> None:
         if self.seed is None:
@@ -76,6 +78,7 @@ class Usage:
     queue_time_s: float | None  # arrival to admission into a slot (None: a request ended by a stop string)
     time_to_first_canvas_s: float | None  # arrival to the first committed canvas (None if there was none)
     total_time_s: float
+    cached_tokens: int = 0  # prompt tokens taken from the replica's prefix cache instead of encoded
 
 
 @dataclass(frozen=True)

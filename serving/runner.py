@@ -61,11 +61,14 @@ class ModelRunner:
         out = Outcome()
         for job in plan.admit:
             try:
-                d.admit(job.slot, job.request.settings, job.request.seed, job.request.logprobs)
+                r = job.request
+                d.admit(job.slot, r.settings, r.seed, r.logprobs, r.template)
             except Exception as exc:
                 out.failed[job.id] = exc
         encode = [j for j in plan.admit + plan.commit if j.id not in out.failed]
-        encoded = [job for job, ok in zip(encode, self._isolated(encode, self._encode, out)) if ok is not None]
+        results = self._isolated(encode, self._encode, out)
+        encoded = [job for job, cached in zip(encode, results) if cached is not None]
+        out.cached_tokens = {job.id: cached for job, cached in zip(encode, results) if cached}
         if encoded:
             d.start_canvas([j.slot for j in encoded])
         rows = [j for j in plan.denoise if j.id not in out.failed]
@@ -76,12 +79,15 @@ class ModelRunner:
             d.start_canvas([self.scratch])  # keep the scratch row's state bounded
         return out
 
-    def _encode(self, jobs: list[Job]) -> list[bool]:
+    def _encode(self, jobs: list[Job]) -> list[int]:
+        """Per job, the prompt tokens taken from the prefix cache (0 for a commit)."""
         prefill = [j for j in jobs if j.phase is Phase.PREFILL]
         commit = [j for j in jobs if j.phase is Phase.COMMIT]
-        self.denoiser.encode([j.slot for j in prefill], [j.request.prompt for j in prefill], [j.slot for j in commit])
+        prompts = [j.request.prompt for j in prefill]
+        cached = self.denoiser.encode([j.slot for j in prefill], prompts, [j.slot for j in commit])
         self.forwards += 1
-        return [True] * len(jobs)
+        by_id = dict(zip((j.id for j in prefill), cached))
+        return [by_id.get(j.id, 0) for j in jobs]
 
     def _step(self, jobs: list[Job]) -> list[StepOutcome]:
         slots = [j.slot for j in jobs]

@@ -60,6 +60,7 @@ class Job:
     steps_per_canvas: list[int] = field(default_factory=list)
     generated: int = 0
     last_stepped: int = -1  # scheduler iteration of the last denoising step
+    cached_tokens: int = 0  # prompt tokens its prefill took from the prefix cache
     cancelled: bool = False
 
     @property
@@ -129,6 +130,7 @@ class Outcome:
     # the fewest rows a forward ran out of device memory at (the runner split it and went on): the engine
     # lowers its rows per forward below that, so it does not recur
     out_of_memory_rows: int | None = None
+    cached_tokens: dict[str, int] = field(default_factory=dict)  # prompt tokens restored from the prefix cache
 
 
 @dataclass(frozen=True)
@@ -258,6 +260,7 @@ class Scheduler:
                 self._release(job)
                 reports.append(Failed(job, outcome.failed[job.id]))
                 continue
+            job.cached_tokens += outcome.cached_tokens.get(job.id, 0)
             if job.phase is Phase.COMMIT:  # its canvas is in the cache now: the next canvas starts
                 job.canvas_index += 1
                 job.steps_taken = 0

@@ -205,3 +205,24 @@ def test_chat_template_kwargs_reach_the_template(client, server):
         f"{server[0]}/v1/chat/completions", json={"messages": ASK, "chat_template_kwargs": {"tokenize": False}}
     )
     assert r.status_code == 400 and r.json()["error"]["param"] == "chat_template_kwargs"
+
+
+def test_a_shared_system_prompt_comes_from_the_prefix_cache_with_the_same_answer(client):
+    system = {"role": "system", "content": "You answer tasks on short lists. " * 12}
+    ask = lambda text, **kw: chat(client, messages=[system, {"role": "user", "content": text}], seed=9,  # noqa: E731
+                                  max_tokens=16, **kw)  # fmt: skip
+    ask("reverse: q r s")  # the system prompt's blocks are stored
+    hit = ask("reverse: a b c d")
+    cached = hit.usage.prompt_tokens_details.cached_tokens
+    assert cached >= 64 and cached % 64 == 0 and cached < hit.usage.prompt_tokens
+
+    pools = {name: pool | {"prefix_cache_mb": 0} for name, pool in ARGS["pools"].items()}
+
+    async def without_cache():
+        async with service(pools=pools) as (http, *_):
+            body = {"messages": [system, {"role": "user", "content": "reverse: a b c d"}], "seed": 9, "max_tokens": 16}
+            return (await http.post("/v1/chat/completions", json=body)).json()
+
+    cold = run(without_cache())
+    assert cold["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+    assert cold["choices"][0]["message"]["content"] == hit.choices[0].message.content

@@ -44,3 +44,27 @@ def test_free_slots_first_then_least_shared_work():
 def test_ties_go_to_the_shorter_queue():
     standings = {"a": Standing((100,), 0, 5), "b": Standing((100,), 0, 1)}
     assert rank(standings, steps=8) == [["b"], ["a"]]
+
+
+def test_the_replica_holding_the_prompts_start_goes_first_when_loads_are_close():
+    from model.prefix_keys import block_keys
+
+    prompt = list(range(2, 2 + 3 * 64 + 10))  # three whole blocks of 64
+    keys = block_keys(prompt, 64)
+    held_two = frozenset(keys[:2])
+    standings = {
+        "idle": Standing(work=(), free_slots=4, queue_depth=0),
+        "holder": Standing(work=(4,), free_slots=3, queue_depth=0, prefix=held_two),
+        "partial": Standing(work=(2,), free_slots=3, queue_depth=0, prefix=frozenset(keys[:1])),
+    }
+    # 8 steps: the holder's 4 shared row-steps are within one request of the idle replica's 0
+    assert rank(standings, steps=8, keys=keys) == [["holder"], ["partial"], ["idle"]]
+    assert rank(standings, steps=8) == [["idle"], ["partial"], ["holder"]]  # by load alone
+    # a chain is held from its first block: the later blocks alone are no match
+    assert Standing((), 1, 0, prefix=frozenset(keys[1:])).held(keys) == 0
+    # far busier than the best (beyond the request's own steps): load wins over the prefix
+    standings["holder"] = Standing(work=(40, 40), free_slots=3, queue_depth=0, prefix=held_two)
+    assert rank(standings, steps=8, keys=keys)[0] == ["partial"]
+    # a full replica never goes before one with a free slot, prefix or not
+    standings["holder"] = Standing(work=(), free_slots=0, queue_depth=0, prefix=frozenset(keys))
+    assert rank(standings, steps=8, keys=keys)[-1] == ["holder"]

@@ -32,8 +32,16 @@ class SamplerOverrides(_message.Message):
     temperature: float
     def __init__(self, max_denoising_steps: _Optional[int] = ..., entropy_bound: _Optional[float] = ..., t_min: _Optional[float] = ..., t_max: _Optional[float] = ..., stability_threshold: _Optional[int] = ..., confidence_threshold: _Optional[float] = ..., adaptive_stop: _Optional[bool] = ..., temperature: _Optional[float] = ...) -> None: ...
 
+class TemplatePart(_message.Message):
+    __slots__ = ("text", "free")
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    FREE_FIELD_NUMBER: _ClassVar[int]
+    text: str
+    free: int
+    def __init__(self, text: _Optional[str] = ..., free: _Optional[int] = ...) -> None: ...
+
 class GenerateRequest(_message.Message):
-    __slots__ = ("text", "raw_prompt", "token_ids", "tier", "max_new_tokens", "seed", "sampler", "stream_drafts", "stop")
+    __slots__ = ("text", "raw_prompt", "token_ids", "tier", "max_new_tokens", "seed", "sampler", "stream_drafts", "stop", "template")
     TEXT_FIELD_NUMBER: _ClassVar[int]
     RAW_PROMPT_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -43,6 +51,7 @@ class GenerateRequest(_message.Message):
     SAMPLER_FIELD_NUMBER: _ClassVar[int]
     STREAM_DRAFTS_FIELD_NUMBER: _ClassVar[int]
     STOP_FIELD_NUMBER: _ClassVar[int]
+    TEMPLATE_FIELD_NUMBER: _ClassVar[int]
     text: str
     raw_prompt: str
     token_ids: TokenIds
@@ -52,10 +61,11 @@ class GenerateRequest(_message.Message):
     sampler: SamplerOverrides
     stream_drafts: bool
     stop: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, text: _Optional[str] = ..., raw_prompt: _Optional[str] = ..., token_ids: _Optional[_Union[TokenIds, _Mapping]] = ..., tier: _Optional[str] = ..., max_new_tokens: _Optional[int] = ..., seed: _Optional[int] = ..., sampler: _Optional[_Union[SamplerOverrides, _Mapping]] = ..., stream_drafts: _Optional[bool] = ..., stop: _Optional[_Iterable[str]] = ...) -> None: ...
+    template: _containers.RepeatedCompositeFieldContainer[TemplatePart]
+    def __init__(self, text: _Optional[str] = ..., raw_prompt: _Optional[str] = ..., token_ids: _Optional[_Union[TokenIds, _Mapping]] = ..., tier: _Optional[str] = ..., max_new_tokens: _Optional[int] = ..., seed: _Optional[int] = ..., sampler: _Optional[_Union[SamplerOverrides, _Mapping]] = ..., stream_drafts: _Optional[bool] = ..., stop: _Optional[_Iterable[str]] = ..., template: _Optional[_Iterable[_Union[TemplatePart, _Mapping]]] = ...) -> None: ...
 
 class Usage(_message.Message):
-    __slots__ = ("prompt_tokens", "generated_tokens", "canvases", "steps_per_canvas", "queue_time_s", "time_to_first_canvas_s", "total_time_s")
+    __slots__ = ("prompt_tokens", "generated_tokens", "canvases", "steps_per_canvas", "queue_time_s", "time_to_first_canvas_s", "total_time_s", "cached_tokens")
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     GENERATED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     CANVASES_FIELD_NUMBER: _ClassVar[int]
@@ -63,6 +73,7 @@ class Usage(_message.Message):
     QUEUE_TIME_S_FIELD_NUMBER: _ClassVar[int]
     TIME_TO_FIRST_CANVAS_S_FIELD_NUMBER: _ClassVar[int]
     TOTAL_TIME_S_FIELD_NUMBER: _ClassVar[int]
+    CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     prompt_tokens: int
     generated_tokens: int
     canvases: int
@@ -70,7 +81,8 @@ class Usage(_message.Message):
     queue_time_s: float
     time_to_first_canvas_s: float
     total_time_s: float
-    def __init__(self, prompt_tokens: _Optional[int] = ..., generated_tokens: _Optional[int] = ..., canvases: _Optional[int] = ..., steps_per_canvas: _Optional[_Iterable[int]] = ..., queue_time_s: _Optional[float] = ..., time_to_first_canvas_s: _Optional[float] = ..., total_time_s: _Optional[float] = ...) -> None: ...
+    cached_tokens: int
+    def __init__(self, prompt_tokens: _Optional[int] = ..., generated_tokens: _Optional[int] = ..., canvases: _Optional[int] = ..., steps_per_canvas: _Optional[_Iterable[int]] = ..., queue_time_s: _Optional[float] = ..., time_to_first_canvas_s: _Optional[float] = ..., total_time_s: _Optional[float] = ..., cached_tokens: _Optional[int] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("request_id", "tier", "text", "token_ids", "finish_reason", "usage")
