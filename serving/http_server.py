@@ -17,17 +17,18 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from serving.auth import Unauthenticated
-from serving.chat_output import ChatOutput, special_strings
+from serving.chat_output import CALL_OPEN, ChatOutput, special_strings
 from serving.frontend import (
     Answer,
     CanvasChunk,
@@ -65,6 +66,7 @@ _ERROR_TYPES = {
     503: "service_unavailable",
 }
 log = logging.getLogger("ray.serve")
+PLAYGROUND = Path(__file__).resolve().parent / "playground" / "index.html"
 
 
 class RequestIds:
@@ -314,9 +316,12 @@ def http_app(frontend: Frontend, assign_request_ids: bool = True) -> FastAPI:
                 400, f"model: unknown model {body.model!r}; this server has {frontend.model_id!r}", "model"
             )
         tools_on = chat and bool(body.tools) and body.tool_choice != "none"
+        template = None
         if chat and body.tool_choice not in (None, "none", "auto"):
-            message = "tool_choice: only 'auto' and 'none' are supported (the model decides whether to call)"
-            return error_response(400, message, "tool_choice")
+            forced = forced_call(body)
+            if isinstance(forced, JSONResponse):
+                return forced
+            template = frontend.template_ids([forced])
         try:
             ids = prompt()
         except InvalidRequest as exc:
@@ -330,7 +335,7 @@ def http_app(frontend: Frontend, assign_request_ids: bool = True) -> FastAPI:
             opened = await open_request(
                 lambda: ids, controls, request, body.length(), False,
                 request_id=base_id if i == 0 else f"{base_id}.{i}",
-                logprobs=body.top_logprobs_asked(), stop=body.stop, special_tokens=chat,
+                logprobs=body.top_logprobs_asked(), stop=body.stop, special_tokens=chat, template=template,
             )  # fmt: skip
             if isinstance(opened, JSONResponse):
                 for c in choices:
@@ -394,6 +399,22 @@ def http_app(frontend: Frontend, assign_request_ids: bool = True) -> FastAPI:
                 yield head | {"choices": [], "usage": summed_usage([c.usage for c in choices], tier)}
 
         return streaming(lines(), lambda exc: {"error": {"message": str(exc), "type": failure_type(exc)}})
+
+    def forced_call(body: ChatBody) -> str | JSONResponse:
+        """tool_choice "required" or a named function: the answer's canvas starts with the call's fixed opening
+        (a canvas template), `<|tool_call>call:` and, for a named one, its name and brace; the model writes the
+        rest."""
+        if CALL_OPEN not in specials:
+            return error_response(400, "tool_choice: this model has no tool-call token", "tool_choice")
+        names = [t.function.name for t in body.tools or ()]
+        if not names:
+            return error_response(400, "tool_choice: a call is required but no tools are given", "tool_choice")
+        if body.tool_choice == "required":
+            return CALL_OPEN + "call:" + (names[0] + "{" if len(names) == 1 else "")
+        name = body.tool_choice.function["name"]
+        if name not in names:
+            return error_response(400, f"tool_choice: no tool named {name[:64]!r} in tools", "tool_choice")
+        return CALL_OPEN + "call:" + name + "{"
 
     async def whole_answer(choices: list[Choice], head: dict, chat: bool, words: TokenText, tier: str):
         """The non-streaming reply: every choice's whole answer (the first failure is the reply instead)."""
@@ -516,6 +537,11 @@ def http_app(frontend: Frontend, assign_request_ids: bool = True) -> FastAPI:
         return streaming(lines(), lambda exc: {"type": "error", "message": str(exc), "retryable": retryable(exc)})
 
     # ---------------------------------------------------------------- health
+
+    @app.get("/playground", include_in_schema=False)
+    async def playground() -> HTMLResponse:
+        """A page that streams one request's drafts: the canvas denoising live (serving/playground/)."""
+        return HTMLResponse(PLAYGROUND.read_text())
 
     @app.get("/health")
     async def health() -> dict:

@@ -133,9 +133,11 @@ class ScriptedPool:
         self.tok = tokenizer
         self.replies = replies
         self.prompts: list[list[int]] = []
+        self.payloads: list[dict] = []
 
     async def generate(self, payload: dict) -> AsyncIterator[Any]:
         self.prompts.append(payload["prompt"])
+        self.payloads.append(payload)
         ids = self.tok.encode(self.replies[(len(self.prompts) - 1) % len(self.replies)], add_special_tokens=False)
         yield Accepted(payload["request_id"])
         canvases = [ids[i : i + 16] for i in range(0, len(ids), 16)]
@@ -232,3 +234,23 @@ def test_thinking_is_off_unless_asked_for_and_the_deployment_default_turns_it_on
     assert "<|think|>" in tok.decode(on.chat_prompt(messages), skip_special_tokens=False)
     asked_off = on.chat_prompt(messages, template_kwargs={"enable_thinking": False})
     assert asked_off == off
+
+
+def test_a_required_or_named_tool_choice_fixes_the_calls_opening(scripted, tok):
+    client, pool = scripted
+    messages = [{"role": "user", "content": "Weather?"}]
+    for choice in ("required", {"type": "function", "function": {"name": "get_weather"}}):
+        reply = client.chat.completions.create(
+            model="diffusiongemma-embedded", messages=messages, tools=[WEATHER], tool_choice=choice
+        )
+        template = pool.payloads[-1]["template"]
+        assert tok.decode(template, skip_special_tokens=False) == "<|tool_call>call:get_weather{"
+        assert reply.choices[0].finish_reason in ("tool_calls", "stop")
+    from openai import BadRequestError
+
+    with pytest.raises(BadRequestError) as err:
+        client.chat.completions.create(
+            model="diffusiongemma-embedded", messages=messages, tools=[WEATHER],
+            tool_choice={"type": "function", "function": {"name": "nope"}},
+        )  # fmt: skip
+    assert err.value.body["param"] == "tool_choice"
