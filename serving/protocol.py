@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator, model_validator
 
 from model.config import MAX_TOP_LOGPROBS
 from serving.frontend import Controls
@@ -46,7 +46,7 @@ class Diffusion(SamplerOverrides):
     `temperature` is one of them: a factor on the tier's t_max -> t_min schedule, 0 for the argmax path."""
 
     tier: str | None = None
-    seed: int | None = Field(None, ge=0, lt=2**62)
+    seed: StrictInt | None = Field(None, ge=0, lt=2**62)
 
     def controls(self) -> Controls:
         return Controls(self.tier, self.seed, {k: getattr(self, k) for k in OVERRIDE_NAMES})
@@ -61,17 +61,17 @@ class StreamOptions(BaseModel):
 
 class OpenAIOptions(Diffusion):
     model: str | None = None
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_tokens: StrictInt | None = Field(None, ge=1)
+    max_completion_tokens: StrictInt | None = Field(None, ge=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
-    n: int = Field(1, ge=1, le=MAX_CHOICES)
+    n: StrictInt = Field(1, ge=1, le=MAX_CHOICES)
     stop: str | list[str] | None = None
     response_format: dict | None = None
     # accepted only at their neutral values (NEUTRAL)
     top_p: float | None = None
-    best_of: int | None = None
+    best_of: StrictInt | None = None
     echo: bool = False
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
@@ -103,9 +103,9 @@ class OpenAIOptions(Diffusion):
 
 
 class CompletionBody(OpenAIOptions):
-    prompt: str | list[int] = Field(..., description="text used as is (no chat template) or token ids")
+    prompt: str | list[StrictInt] = Field(..., description="text used as is (no chat template) or token ids")
     # the completions API's logprobs: the number of alternatives per token (0: the chosen token's alone)
-    logprobs: int | None = Field(None, ge=0, le=5)
+    logprobs: StrictInt | None = Field(None, ge=0, le=5)
 
     def top_logprobs_asked(self) -> int | None:
         return self.logprobs
@@ -214,7 +214,7 @@ class ChatBody(OpenAIOptions):
     messages: list[Message] = Field(..., min_length=1)
     # the chat API's logprobs: a switch, with top_logprobs alternatives per token
     logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    top_logprobs: StrictInt | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedTool | None = None
     parallel_tool_calls: bool | None = None
@@ -240,18 +240,19 @@ class ChatBody(OpenAIOptions):
 
 
 class GenerateBody(Diffusion):
-    """POST /v1/generate: exactly one of text (chat template applied), prompt (as is) or token_ids."""
+    """POST /v1/generate: exactly one of text (chat template applied), prompt (as is) or token_ids. Integers are
+    strict here and on the OpenAI bodies: `true` is not a 1, nor `false` a seed."""
 
     text: str | None = None
     prompt: str | None = None
-    token_ids: list[int] | None = None
-    max_new_tokens: int | None = Field(None, ge=1)
+    token_ids: list[StrictInt] | None = None
+    max_new_tokens: StrictInt | None = Field(None, ge=1)
     stream: bool = False
     stream_drafts: bool = False
     stop: str | list[str] | None = None
-    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)  # None: none; k: chosen token + top k
+    top_logprobs: StrictInt | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)  # None: none; k: chosen token + top k
     # a canvas template: the answer's first positions, as text parts (fixed) and counts of free positions
-    template: list[Annotated[str, Field(min_length=1)] | Annotated[int, Field(ge=1, le=MAX_FREE)]] | None = Field(
+    template: list[Annotated[str, Field(min_length=1)] | Annotated[StrictInt, Field(ge=1, le=MAX_FREE)]] | None = Field(
         None, min_length=1, max_length=256
     )
 

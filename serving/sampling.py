@@ -16,7 +16,7 @@ import dataclasses
 import typing
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, create_model, model_validator
 
 from model.config import SamplerSettings
 
@@ -31,6 +31,11 @@ DEFAULT_CONFIDENCE: float = SamplerSettings().confidence_threshold  # what turni
 
 def _field(f: dataclasses.Field, default: Any) -> Any:
     return Field(default, description=f.metadata["doc"], **f.metadata["bounds"])
+
+
+def _strict(kind: Any) -> Any:
+    """A request's integer overrides are strict (`true` is no step count); floats keep taking integers."""
+    return StrictInt if kind is int else kind
 
 
 def _open_range(f: dataclasses.Field) -> Range | None:
@@ -69,7 +74,7 @@ SamplerOverrides = create_model(
     "SamplerOverrides",
     __config__=STRICT,
     __doc__="A request's overrides of its tier's sampler settings; None (or absent) keeps the tier's value.",
-    **{f.name: (_TYPES[f.name] | None, _field(f, None)) for f in _FIELDS},
+    **{f.name: (_strict(_TYPES[f.name]) | None, _field(f, None)) for f in _FIELDS},
     adaptive_stop=(bool | None, Field(None, description="false: run every canvas to its step cap")),
 )
 

@@ -133,10 +133,11 @@ def test_native_stream_sends_drafts_canvases_and_a_final_event(app):
         ("/v1/generate", {"text": "hi", "max_new_tokens": 10**7}, "max_new_tokens"),
         ("/v1/generate", {"text": "hi", "temperature_schedule": 1}, "temperature_schedule"),
         ("/v1/completions", {"prompt": "x" * 20000}, "prompt"),
-        ("/v1/completions", {"prompt": "hi", "temperature": 0.3}, "temperature"),
+        ("/v1/completions", {"prompt": "hi", "temperature": 3.0}, "temperature"),
+        ("/v1/completions", {"prompt": "hi", "presence_penalty": 0.3}, "presence_penalty"),
         ("/v1/completions", {"prompt": "hi", "max_tokens": -1}, "max_tokens"),
         ("/v1/chat/completions", {"messages": []}, "messages"),
-        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "n": 2}, "n"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "n": 9}, "n"),
         ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "model": "gpt-4"}, "model"),
     ],
 )
