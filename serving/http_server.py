@@ -381,20 +381,24 @@ def http_app(frontend: Frontend, assign_request_ids: bool = True) -> FastAPI:
             if chat:  # the role first, once per choice, as OpenAI streams it
                 for choice in choices:
                     yield chunk(choice, {"role": "assistant", "content": ""}, None, None)
-            async for choice, c in merged(choices):
-                if isinstance(c, CanvasChunk):
-                    choice.tokens += len(c.token_ids)
-                    delta = chat_delta(choice, choice.output.feed(c.text)) if chat else {"content": c.text}
-                    if delta or c.logprobs:
-                        yield chunk(choice, delta, c, None)
-                elif isinstance(c, DoneChunk):
-                    choice.usage = c.usage
-                    if chat:
-                        rest = merge(choice.output.feed(c.text), choice.output.finish())
-                        delta = chat_delta(choice, rest)
-                    else:
-                        delta = {"content": c.text} if c.text else {}
-                    yield chunk(choice, delta, None, choice.finish_reason(c.finish_reason))
+            stream = merged(choices)
+            try:
+                async for choice, c in stream:
+                    if isinstance(c, CanvasChunk):
+                        choice.tokens += len(c.token_ids)
+                        delta = chat_delta(choice, choice.output.feed(c.text)) if chat else {"content": c.text}
+                        if delta or c.logprobs:
+                            yield chunk(choice, delta, c, None)
+                    elif isinstance(c, DoneChunk):
+                        choice.usage = c.usage
+                        if chat:
+                            rest = merge(choice.output.feed(c.text), choice.output.finish())
+                            delta = chat_delta(choice, rest)
+                        else:
+                            delta = {"content": c.text} if c.text else {}
+                        yield chunk(choice, delta, None, choice.finish_reason(c.finish_reason))
+            finally:
+                await stream.aclose()  # a client gone: every choice's request is cancelled
             if options.include_usage:
                 yield head | {"choices": [], "usage": summed_usage([c.usage for c in choices], tier)}
 

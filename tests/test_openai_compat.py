@@ -226,3 +226,24 @@ def test_a_shared_system_prompt_comes_from_the_prefix_cache_with_the_same_answer
     cold = run(without_cache())
     assert cold["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
     assert cold["choices"][0]["message"]["content"] == hit.choices[0].message.content
+
+
+def test_a_client_leaving_a_stream_of_several_choices_cancels_every_one(server):
+    import time
+
+    from prometheus_client import REGISTRY  # the live app's engine counts into the process's registry
+
+    cancelled = lambda: REGISTRY.get_sample_value("dgs_requests_total", {"engine": "cpu", "outcome": "cancelled"}) or 0  # noqa: E731
+    before = cancelled()
+    body = {"messages": ASK, "n": 3, "max_tokens": 256, "stream": True, "tier": "quality", "adaptive_stop": False}
+    with httpx.stream("POST", f"{server[0]}/v1/chat/completions", json=body, timeout=60) as r:
+        assert r.status_code == 200
+        next(line for line in r.iter_lines() if line.startswith("data: {"))  # the stream is under way; leave
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        load = httpx.get(f"{server[0]}/ready").json()["pools"]["cpu"]
+        if load["live_requests"] == 0 and load["queue_depth"] == 0:
+            break
+        time.sleep(0.2)
+    assert load["live_requests"] == 0 and load["queue_depth"] == 0, load
+    assert cancelled() - before == 3  # every choice was cancelled, not run to its end
