@@ -73,12 +73,15 @@ class Denoiser:
         compile: bool = False,
         prefix_cache_bytes: int = 0,
         prefix_block_tokens: int = 64,
+        compile_backend: str = "inductor",
     ):
         """static_shapes: the denoising forward attends over the whole cache capacity with a mask and always
         takes the soft embedding (zeros on a first step, which is exact), so its shapes depend on the row count
-        only; compile (implies static_shapes): torch.compile that forward, with CUDA graphs on a GPU. A batcher
+        only; compile (implies static_shapes): torch.compile that forward layer by layer (Network.compile_regions)
+        and, on a GPU, replay it as one CUDA graph per row count (model/cuda_graphs.py). A batcher
         then pads rows to a few bucket sizes so each compiled graph is reused. prefix_cache_bytes: memory for
-        the K/V of prompt blocks kept across requests (model/prefix_cache.py; 0: none)."""
+        the K/V of prompt blocks kept across requests (model/prefix_cache.py; 0: none). compile_backend: torch.compile's
+        (tests trace with "aot_eager": the same whole-graph capture without building kernels)."""
         self.net = network
         c = network.config
         dev = network.device
@@ -119,14 +122,11 @@ class Denoiser:
             # The per-expert loop branches on routed-token counts (a graph break per layer); grouped_mm gives
             # the same results without leaving the graph.
             network.use_grouped_mm = True
-            mode = "reduce-overhead" if dev.type == "cuda" else None  # reduce-overhead = CUDA graphs
-            graph = torch.compile(network.denoise_graph, mode=mode, dynamic=False)
+            network.compile_regions(compile_backend)  # each layer shape one compiled region (fullgraph)
+            if dev.type == "cuda":  # and the whole static forward one CUDA graph per row count
+                from model.cuda_graphs import GraphedDenoise
 
-            def compiled(*args, **kwargs) -> torch.Tensor:
-                with torch.inference_mode():
-                    return graph(*args, **kwargs)
-
-            self._denoise = compiled
+                self._denoise = GraphedDenoise(network)
 
     # ---------------------------------------------------------------- step-level API
 

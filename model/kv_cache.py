@@ -95,24 +95,16 @@ class KVCache:
         if causal and self.capture is not None:
             store, captures = self.capture
             store.write_captured(layer, k, v, captures)
-        if causal and not sliding:
+        if not causal:
+            return denoise_attention(ck, cv, q, k, v, n_keys, mask, pos.slots)
+        if not sliding:
             self._write(ck, cv, k, v, pos, keep_last=None)
             keys, values = ck[pos.slots, :n_keys], cv[pos.slots, :n_keys]
         else:
             keys = torch.cat([ck[pos.slots, :n_keys], k], dim=1)
             values = torch.cat([cv[pos.slots, :n_keys], v], dim=1)
-            if causal:
-                self._write(ck, cv, k, v, pos, keep_last=self.ring)
-        out = F.scaled_dot_product_attention(
-            q.transpose(1, 2),
-            keys.transpose(1, 2),
-            values.transpose(1, 2),
-            attn_mask=mask,
-            scale=1.0,
-            enable_gqa=True,
-        )
-        b, n = q.shape[:2]
-        return out.transpose(1, 2).reshape(b, n, -1)
+            self._write(ck, cv, k, v, pos, keep_last=self.ring)
+        return _sdpa(q, keys, values, mask)
 
     def _write(self, ck, cv, k, v, pos, keep_last: int | None) -> None:
         """Copy the valid new tokens of each row into its slot (a ring keeps only the last `keep_last`)."""
@@ -127,3 +119,21 @@ class KVCache:
             dest = dest % keep_last
         ck[pos.slots[rows], dest] = k[rows, cols]
         cv[pos.slots[rows], dest] = v[rows, cols]
+
+
+def denoise_attention(ck, cv, q, k, v, n_keys: int, mask, slots) -> torch.Tensor:
+    """A denoising pass's attention of one layer: its rows' first `n_keys` cached entries (ck, cv: the layer's
+    cache) and the canvas, under `mask`; nothing is written. A function of tensors alone, so a compiled region of
+    the network can take a layer's cache as an argument (model/network.py)."""
+    keys = torch.cat([ck[slots, :n_keys], k], dim=1)
+    values = torch.cat([cv[slots, :n_keys], v], dim=1)
+    return _sdpa(q, keys, values, mask)
+
+
+def _sdpa(q, keys, values, mask) -> torch.Tensor:
+    """q [B, n, heads, d], keys/values [B, keys, kv_heads, d]; returns [B, n, heads*d]."""
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2), attn_mask=mask, scale=1.0, enable_gqa=True
+    )
+    b, n = q.shape[:2]
+    return out.transpose(1, 2).reshape(b, n, -1)

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from model.config import FULL, SLIDING, TextConfig
-from model.kv_cache import KVCache
+from model.kv_cache import KVCache, denoise_attention
 from model.quant import Weight, expert_linear, grouped_linear, linear
 
 
@@ -151,6 +151,7 @@ class Network:
         if use_grouped_mm is None:  # one grouped GEMM for all experts where torch has a fast kernel for it
             use_grouped_mm = self.device.type == "cuda" and self.dtype == torch.bfloat16
         self.use_grouped_mm = use_grouped_mm
+        self.regions: dict[tuple[bool, int, int], object] | None = None  # compile_regions: the compiled layers
 
     # ---------------------------------------------------------------- the three forward kinds
 
@@ -237,30 +238,71 @@ class Network:
         n = x.shape[1]
         rope = {kind: self._rope(kind, pos, n) for kind in self.inv_freq}
         masks: dict[str, tuple] = {}
+        regional = self.regions is not None and static and not causal
         for i, lw in enumerate(self.w.layers):
             kind = c.layer_types[i]
             if kind not in masks:
                 masks[kind] = cache.attention_plan(i, pos, n, causal, static)
-            x = self._layer(i, lw, x, rope[kind], masks[kind], pos, cache, causal)
+            if regional:  # one compiled region per layer shape, reused by every layer of that shape
+                cos, sin = rope[kind]
+                region = self.regions[self._shape_of(i)]
+                x = region(lw, x, cos, sin, masks[kind][1], pos.slots, cache.keys[i], cache.values[i])
+            else:
+                x = self._layer(i, lw, x, rope[kind], masks[kind], pos, cache, causal)
         return x
 
+    def _shape_of(self, i: int) -> tuple[bool, int, int]:
+        c = self.config
+        return c.is_sliding(i), c.head_dims[i], c.kv_heads[i]
+
+    def compile_regions(self, backend: str = "inductor") -> None:
+        """Compile the denoising pass layer by layer: one `torch.compile(fullgraph=True)` region per distinct
+        layer shape (sliding or full, head size, KV heads), which every layer of that shape then calls with its
+        own weights and cache. The released model's 30 layers are two shapes: two graphs to build instead of one
+        30-layer graph (which took over 200 s to compile on an H200). Weights and cache are arguments, not
+        constants of the graph, which is what lets the layers share it."""
+        self.regions = {}
+        for shape in sorted({self._shape_of(i) for i in range(self.config.num_layers)}):
+            sliding, hd, kvh = shape
+
+            def region(lw, x, cos, sin, mask, slots, ck, cv, sliding=sliding, hd=hd, kvh=kvh):
+                return self._denoise_layer(sliding, hd, kvh, lw, x, cos, sin, mask, slots, ck, cv)
+
+            self.regions[shape] = torch.compile(region, fullgraph=True, dynamic=False, backend=backend)
+
+    def _denoise_layer(self, sliding: bool, hd: int, kvh: int, lw, x, cos, sin, mask, slots, ck, cv):
+        """One layer of a static denoising pass, as a function of its shape and tensors alone (a compiled
+        region): the cache is read over its whole capacity (ck.shape[1] entries) under the mask."""
+        q, k, v = self._qkv(sliding, hd, kvh, lw, x, cos, sin)
+        attn = denoise_attention(ck, cv, q, k, v, ck.shape[1], mask, slots)
+        return self._after_attention(lw, x, attn)
+
     def _layer(self, i, lw: LayerWeights, x, rope, plan, pos: Positions, cache: KVCache, causal: bool):
+        cos, sin = rope
+        q, k, v = self._qkv(*self._shape_of(i), lw, x, cos, sin)
+        attn = cache.attend(i, q, k, v, plan, pos, causal)  # [B, n, heads*hd]
+        return self._after_attention(lw, x, attn)
+
+    def _qkv(self, sliding: bool, hd: int, kvh: int, lw: LayerWeights, x, cos, sin):
         c = self.config
         eps = c.rms_norm_eps
         b, n, _ = x.shape
-        hd, kvh, heads = c.head_dims[i], c.kv_heads[i], c.num_attention_heads
-        cos, sin = rope
-
+        heads = c.num_attention_heads
         qkv = linear(scaled(rms(x, eps), lw.in_norm).to(self.dtype), lw.qkv)
         q_size, k_size = heads * hd, kvh * hd
         q = qkv[..., :q_size].view(b, n, heads, hd)
         k_raw = qkv[..., q_size : q_size + k_size].view(b, n, kvh, hd)
-        v_raw = qkv[..., q_size + k_size :].view(b, n, kvh, hd) if c.is_sliding(i) else k_raw
+        v_raw = qkv[..., q_size + k_size :].view(b, n, kvh, hd) if sliding else k_raw
         q = rotate(rms(q, eps) * lw.q_norm.float(), cos, sin).to(self.dtype)
         k = rotate(rms(k_raw, eps) * lw.k_norm.float(), cos, sin).to(self.dtype)
         v = rms(v_raw, eps).to(self.dtype)  # full layers: V is the normalised raw k_proj, no learned scale
+        return q, k, v
 
-        attn = cache.attend(i, q, k, v, plan, pos, causal)  # [B, n, heads*hd]
+    def _after_attention(self, lw: LayerWeights, x, attn):
+        """The attention output's projection, then the dense MLP and the experts, with their norms."""
+        c = self.config
+        eps = c.rms_norm_eps
+        b, n, _ = x.shape
         x = x + rms(linear(attn, lw.o), eps) * lw.post_attn_norm.float()
 
         residual = x

@@ -142,24 +142,34 @@ def hf_generation_config(
     )
 
 
-def random_hf_model(config: dict, seed: int = 0, dtype: torch.dtype = torch.float32):
+def random_hf_model(config: dict, seed: int = 0, dtype: torch.dtype = torch.float32, device: str | None = None):
     """A transformers DiffusionGemmaForBlockDiffusion with random weights whose logits are not near-constant.
 
     Norm weights, router scales and layer scalars are perturbed away from their all-ones init, so a
-    re-implementation that ignores any of them fails parity.
+    re-implementation that ignores any of them fails parity. device: made there, in `dtype` from the start (the
+    released shape on a GPU: seconds, and no float32 copy twice its size).
     """
     from transformers import DiffusionGemmaConfig, DiffusionGemmaForBlockDiffusion
 
     torch.manual_seed(seed)
     cfg = DiffusionGemmaConfig(**config)
     cfg.text_config.initializer_range = 0.2 if cfg.text_config.hidden_size <= 64 else 0.02
-    model = DiffusionGemmaForBlockDiffusion(cfg)
+    if device is None:
+        model = DiffusionGemmaForBlockDiffusion(cfg)
+    else:
+        default = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)
+        try:
+            with torch.device(device):
+                model = DiffusionGemmaForBlockDiffusion(cfg)
+        finally:
+            torch.set_default_dtype(default)
     gen = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         scalars = {}
         for name, t in model.named_parameters():
             if name.endswith(("norm.weight", "router.scale", "per_expert_scale")) or "layernorm" in name:
-                t.mul_(1 + 0.2 * torch.randn(t.shape, generator=gen))
+                t.mul_((1 + 0.2 * torch.randn(t.shape, generator=gen)).to(t.device, t.dtype))
         for name, buf in model.named_buffers():
             if name.endswith("layer_scalar"):
                 idx = name.split(".layers.")[1].split(".")[0]

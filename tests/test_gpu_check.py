@@ -1,0 +1,66 @@
+"""The GPU check's script on a CPU, tiny preset: every part it calls on the GPU runs here first (transformers'
+generate with both caches, our denoiser eager and compiled with fullgraph, the profile), and its files say what
+the targets are read from."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from loadtest.gpu_check import main
+from model.config import SamplerSettings, TextConfig
+from model.denoiser import Denoiser, Request
+from model.presets import preset
+from model.weights import random_network
+
+pytestmark = pytest.mark.slow  # two compilations (aot_eager) and transformers' static cache: about 30 s
+
+
+def test_the_gpu_script_runs_every_part_and_writes_its_files(tmp_path):
+    summary = main(["--preset", "tiny", "--device", "cpu", "--out", str(tmp_path), "--batches", "1,2",
+                    "--compiled-batches", "1", "--steps", "2", "--repeats", "1", "--formats", "fp8,dense",
+                    "--compile-backend", "aot_eager"])  # fmt: skip
+    assert {p.name for p in tmp_path.iterdir()} == {"env.json", "results.jsonl", "profile.json", "summary.json"}
+    rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    ours = {f"{r['weights']}/{r['mode']}": r for r in rows if r["check"] == "ours"}
+    assert set(ours) == {"fp8/eager", "fp8/compiled", "dense/eager", "dense/compiled"}
+    for name, r in ours.items():
+        assert "error" not in r, r
+        assert r["batch1_tokens_per_s"] > 0 and r["batch1_forward_ms"] > 0 and r["first_draft_ms"] > 0
+        assert r["first_canvas_ms"] >= r["first_draft_ms"]
+        assert ("batch2_tokens_per_s" in r) == name.endswith("eager")  # compiled: only the batches asked for
+    (logits,) = [r for r in rows if r["check"] == "logits"]
+    assert logits["weights"] == "fp8" and 0 < logits["logits_rel_err_vs_dense"] < 0.5
+    refs = {r["cache"]: r for r in rows if r["check"] == "transformers"}
+    assert set(refs) == {"dynamic", "static"} and all(r["batch1_tokens_per_s"] > 0 for r in refs.values())
+    plans = {r["weights"]: r for r in rows if r["check"] == "plan"}
+    assert set(plans) == {"fp8", "dense"} and all(p["planned_total_gb"] > 0 for p in plans.values())
+    profile = json.loads((tmp_path / "profile.json").read_text())
+    assert set(profile) == set(ours)
+    assert all(len(p["top"]) == 15 and p["forward_wall_ms"] > 0 for p in profile.values())
+    assert set(summary["ratios"]) == {f"{k}_vs_transformers" for k in ours}
+    assert json.loads((tmp_path / "summary.json").read_text())["ratios"] == summary["ratios"]
+
+
+def test_the_compiled_denoiser_traces_whole_and_gives_the_eager_tokens():
+    """Denoiser(compile=True) on a CPU: each layer shape one region traced whole (fullgraph: a graph break would
+    fail), shared by the layers of that shape, and the same tokens as the eager static path, across canvases and
+    rows at different steps."""
+    kinds = ["sliding_attention", "full_attention"] * 2  # four layers of two shapes
+    cfg = TextConfig.from_hf(preset("tiny", num_hidden_layers=4, layer_types=kinds))
+    net = random_network(cfg, dtype=torch.bfloat16, seed=3, compute_mode="native")  # the GPU's dtype (grouped GEMM)
+    C = cfg.canvas_length
+    reqs = [Request([2, 5, 6, 7], 2 * C, SamplerSettings(max_denoising_steps=3), seed=1),
+            Request([2, 9], C, SamplerSettings(max_denoising_steps=2), seed=2)]  # fmt: skip
+    torch._dynamo.reset()
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    compiled = Denoiser(net, slots=2, max_context=64, eos_token_ids=(), compile=True, compile_backend="aot_eager")
+    eager = Denoiser(net, slots=2, max_context=64, eos_token_ids=(), static_shapes=True)  # grouped experts too
+    assert [g.tokens for g in compiled.generate(reqs)] == [g.tokens for g in eager.generate(reqs)]
+    # one graph per layer shape and row count (rows: 2, then 1 once the shorter request ends), whatever the depth
+    shapes = {(cfg.is_sliding(i), cfg.head_dims[i], cfg.kv_heads[i]) for i in range(cfg.num_layers)}
+    assert cfg.num_layers > len(shapes) == 2
+    assert counters["stats"]["unique_graphs"] == 2 * len(shapes)
