@@ -90,3 +90,39 @@ def test_probes_reach_the_apps_health_endpoints_on_the_serve_ports(manifest):
     for container in (head, worker):  # KubeRay >= 1.6 puts ports named serve-* on the serve Service
         ports = {p["name"]: p["containerPort"] for p in container["ports"]}
         assert ports["serve"] == 8000 and ports["serve-grpc"] == serve["grpc_options"]["port"]
+
+
+def test_the_control_plane_is_closed_and_the_head_may_fail(manifest):
+    """What a platform team asks of the manifest before it runs: token auth with a Secret (no token in the file),
+    Redis-backed GCS fault tolerance with its password from a Secret, the head out of the serve Service, the
+    network policy admitting only the serve ports (from the ingress namespace) and metrics (from monitoring),
+    non-root containers with read-only root filesystems and limits on every one, thresholds set on purpose."""
+    spec = manifest["spec"]
+    cluster = spec["rayClusterConfig"]
+    assert cluster["authOptions"] == {"mode": "token"}  # the Secret is KubeRay's (or secretName), never a literal
+    gcs = cluster["gcsFaultToleranceOptions"]
+    assert gcs["redisAddress"] and "secretKeyRef" in gcs["redisPassword"]["valueFrom"]
+    assert spec["excludeHeadPodFromServeSvc"] is True
+    assert spec["serviceUnhealthySecondThreshold"] >= 600 and spec["deploymentUnhealthySecondThreshold"] >= 600
+    assert spec["upgradeStrategy"]["type"] in ("NewCluster", "NewClusterWithIncrementalUpgrade")
+    policy = cluster["networkPolicy"]
+    assert policy["mode"] in ("DenyAll", "DenyAllIngress")
+    opened = {
+        (side, port["port"], peer["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"])
+        for side in ("head", "worker")
+        for rule in policy[side]["ingressRules"]
+        for port in rule["ports"]
+        for peer in rule["from"]
+    }
+    assert opened == {("head", 8080, "monitoring"), ("worker", 8000, "ingress"), ("worker", 9000, "ingress"),
+                      ("worker", 8080, "monitoring")}  # fmt: skip
+    assert not {8265, 6379, 10001} & {port for _, port, _ in opened}
+    pods = [cluster["headGroupSpec"]["template"]["spec"]] + [g["template"]["spec"] for g in cluster["workerGroupSpecs"]]
+    containers = [c for pod in pods for c in pod["containers"]] + [cluster["autoscalerOptions"]]
+    for pod in pods:
+        assert pod["securityContext"]["runAsNonRoot"] is True
+    for c in containers:
+        assert c["securityContext"]["readOnlyRootFilesystem"] is True
+        assert c["securityContext"]["allowPrivilegeEscalation"] is False
+        assert c["resources"]["limits"]["cpu"] and c["resources"]["limits"]["memory"]
+        assert any(m["mountPath"] == "/tmp" for m in c["volumeMounts"])  # Ray writes its session files there
