@@ -19,7 +19,7 @@ BROWSER = os.environ.get("PLAYGROUND_BROWSER") or shutil.which("chromium") or "/
 def test_the_playground_shows_the_canvas_denoising_live(shipped_app):
     from playwright.sync_api import sync_playwright
 
-    assert Path(BROWSER).exists(), f"no Chromium at {BROWSER}: run tests/install_browser.sh"
+    assert Path(BROWSER).exists(), f"no Chromium at {BROWSER}: run tests/install_system.sh"
     shot = ROOT / "runs" / "playground.png"
     shot.parent.mkdir(exist_ok=True)
     with sync_playwright() as p:
