@@ -27,7 +27,7 @@ from pathlib import Path
 
 import httpx
 
-from loadtest.bench_serve import app_args, serve_config
+from loadtest.bench_serve import app_args, generate_stream, serve_config
 from loadtest.report import machine, percentile
 from loadtest.serve_run import ServeRun
 
@@ -55,23 +55,10 @@ async def replay(base: str, items: list[tuple], canvas: int) -> list[dict]:
         async def one(i: int, at: float, prompt: list[int]) -> dict:
             await asyncio.sleep(max(0.0, start + at - time.perf_counter()))
             sent = time.perf_counter()
-            body = {"token_ids": prompt, "max_new_tokens": canvas, "seed": i, "stream": True}
-            first = None
-            async with client.stream("POST", "/v1/generate", json=body) as r:
-                if r.status_code != 200:
-                    raise RuntimeError(f"HTTP {r.status_code}: {(await r.aread())[:300]!r}")
-                async for line in r.aiter_lines():
-                    if not line.startswith("data: {"):
-                        continue
-                    obj = json.loads(line[6:])
-                    if obj["type"] == "canvas" and first is None:
-                        first = time.perf_counter() - sent
-                    elif obj["type"] == "final":
-                        usage = obj["usage"]
-                        return {"ttfc": first, "prompt": usage["prompt_tokens"], "cached": usage["cached_tokens"]}
-                    elif obj["type"] == "error":
-                        raise RuntimeError(obj["message"])
-            raise RuntimeError("no final event")
+            body = {"token_ids": prompt, "max_new_tokens": canvas, "seed": i}
+            first, final = await generate_stream(client, body)
+            usage = final["usage"]
+            return {"ttfc": first - sent, "prompt": usage["prompt_tokens"], "cached": usage["cached_tokens"]}
 
         return await asyncio.gather(*(one(i, at, p) for i, (at, p) in enumerate(items)))
 

@@ -151,11 +151,11 @@ async def inprocess(config: AppConfig, items: list[Item], warmup: list[Item]) ->
         await server.engine.stop()
 
 
-async def http_stream(client: httpx.AsyncClient, it: Item) -> tuple[float, int]:
-    """One streaming /v1/generate with token ids: (first canvas time, generated tokens)."""
-    body = {"token_ids": it.prompt, "tier": it.tier, "max_new_tokens": it.max_new_tokens, "seed": it.seed}
+async def generate_stream(
+    client: httpx.AsyncClient, body: dict, headers: dict | None = None
+) -> tuple[float | None, dict]:
+    """One streaming /v1/generate: (perf_counter time of the first canvas, the final event)."""
     first = None
-    headers = {"x-request-id": f"bench-{it.seed}"}  # names the request in Serve's log (--serve-log)
     async with client.stream("POST", "/v1/generate", json=body | {"stream": True}, headers=headers) as r:
         if r.status_code != 200:
             raise RuntimeError(f"HTTP {r.status_code}: {(await r.aread())[:300]!r}")
@@ -166,10 +166,18 @@ async def http_stream(client: httpx.AsyncClient, it: Item) -> tuple[float, int]:
             if obj["type"] == "canvas" and first is None:
                 first = time.perf_counter()
             elif obj["type"] == "final":
-                return first, obj["usage"]["generated_tokens"]
+                return first, obj
             elif obj["type"] == "error":
                 raise RuntimeError(obj["message"])
     raise RuntimeError("no final event")
+
+
+async def http_stream(client: httpx.AsyncClient, it: Item) -> tuple[float, int]:
+    """One streaming /v1/generate with token ids: (first canvas time, generated tokens)."""
+    body = {"token_ids": it.prompt, "tier": it.tier, "max_new_tokens": it.max_new_tokens, "seed": it.seed}
+    headers = {"x-request-id": f"bench-{it.seed}"}  # names the request in Serve's log (--serve-log)
+    first, final = await generate_stream(client, body, headers)
+    return first, final["usage"]["generated_tokens"]
 
 
 async def over_http(base: str, items: list[Item], warmup: list[Item]) -> list[Done]:

@@ -479,14 +479,8 @@ class Frontend:
                     sent.append(cut)
                     yield cut
                     outcome = None
-                    m.requests.labels(tier, protocol, "ok").inc()
-                    m.latency.labels(tier, protocol).observe(time.perf_counter() - started)
                     usage = self._stopped_usage(prompt_tokens, sent, first_at, time.perf_counter() - started)
-                    used = usage.prompt_tokens + usage.generated_tokens
-                    if grant is not None:
-                        grant.release(used)
-                        m.key_requests.labels(grant.key_id, "ok").inc()
-                        m.key_tokens.labels(grant.key_id).inc(used)
+                    used = self._count_done(tier, protocol, started, grant, usage, "ok")
                     yield DoneChunk("stop", usage)
                     return  # closing the replica's stream cancels the rest of the request
                 elif isinstance(e, DraftEvent):
@@ -495,13 +489,7 @@ class Frontend:
                 elif isinstance(e, FinalEvent):
                     outcome = None  # counted now: a caller may stop reading at the final chunk
                     done = "cancelled" if e.finish_reason == "cancelled" else "ok"
-                    m.requests.labels(tier, protocol, done).inc()
-                    m.latency.labels(tier, protocol).observe(time.perf_counter() - started)
-                    used = e.usage.prompt_tokens + e.usage.generated_tokens
-                    if grant is not None:
-                        grant.release(used)
-                        m.key_requests.labels(grant.key_id, done).inc()
-                        m.key_tokens.labels(grant.key_id).inc(used)
+                    used = self._count_done(tier, protocol, started, grant, e.usage, done)
                     yield DoneChunk(e.finish_reason, e.usage, stops.release() if stops is not None else "")
                     return
                 elif isinstance(e, ErrorEvent):
@@ -523,6 +511,21 @@ class Frontend:
                 grant.release(used)  # a no-op after the final event; else the whole reservation comes back
             await events.aclose()
         raise EngineFailure("the stream ended without a final event")
+
+    def _count_done(
+        self, tier: str, protocol: str, started: float, grant: Grant | None, usage: Usage, outcome: str
+    ) -> int:
+        """A request that reached its end: its outcome and latency counted, its key's grant given back with the
+        tokens it used (returned)."""
+        m = self.metrics
+        m.requests.labels(tier, protocol, outcome).inc()
+        m.latency.labels(tier, protocol).observe(time.perf_counter() - started)
+        used = usage.prompt_tokens + usage.generated_tokens
+        if grant is not None:
+            grant.release(used)
+            m.key_requests.labels(grant.key_id, outcome).inc()
+            m.key_tokens.labels(grant.key_id).inc(used)
+        return used
 
     @staticmethod
     def _stopped_usage(prompt_tokens: int, sent: list[CanvasChunk], first_at: float | None, total: float) -> Usage:

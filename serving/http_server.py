@@ -223,18 +223,6 @@ async def merged(choices: list[Choice]) -> AsyncIterator[tuple[Choice, Chunk]]:
             await c.opened.chunks.aclose()
 
 
-def completion_logprobs(chunks: list[CanvasChunk], words: TokenText) -> dict:
-    """The completions API's logprobs of a whole answer, canvas after canvas."""
-    out: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
-    offset = 0
-    for c in chunks:
-        part = words.completion(c, offset)
-        for k in out:
-            out[k] += part[k]
-        offset += sum(len(t) for t in part["tokens"])
-    return out
-
-
 def http_app(frontend: Frontend, assign_request_ids: bool = True) -> FastAPI:
     """assign_request_ids: False under Serve, whose proxy already gives requests their ids and echoes them."""
     app = FastAPI(title="diffusiongemma-serve")
@@ -362,12 +350,12 @@ def http_app(frontend: Frontend, assign_request_ids: bool = True) -> FastAPI:
             if chat:
                 entry = {"index": choice.index, "delta": delta, "logprobs": None, "finish_reason": finish}
                 if c is not None and c.logprobs is not None:
-                    entry["logprobs"] = {"content": words.chat(c)}
+                    entry["logprobs"] = {"content": words.chat(c.token_ids, c.logprobs, c.top_logprobs)}
             else:
                 entry = {"index": choice.index, "text": delta.get("content", ""), "logprobs": None}
                 entry["finish_reason"] = finish
                 if c is not None and c.logprobs is not None:
-                    entry["logprobs"] = words.completion(c, choice.text_sent)
+                    entry["logprobs"] = words.completion(c.token_ids, c.logprobs, c.top_logprobs, choice.text_sent)
                 choice.text_sent += len(entry["text"])
             out = head | {"choices": [entry]}
             if options.include_usage:
@@ -422,38 +410,24 @@ def http_app(frontend: Frontend, assign_request_ids: bool = True) -> FastAPI:
 
     async def whole_answer(choices: list[Choice], head: dict, chat: bool, words: TokenText, tier: str):
         """The non-streaming reply: every choice's whole answer (the first failure is the reply instead)."""
-        gathered = await asyncio.gather(*(gather_chunks(c.opened) for c in choices))
-        failed = next((g for g in gathered if isinstance(g, JSONResponse)), None)
+        answers = await asyncio.gather(*(answer_or_error(c.opened) for c in choices))
+        failed = next((a for a in answers if isinstance(a, JSONResponse)), None)
         if failed is not None:
             return failed
         entries = []
-        for choice, (chunks, done) in zip(choices, gathered):
+        for choice, answer in zip(choices, answers):
             entry: dict[str, Any] = {"index": choice.index}
-            lp = [c for c in chunks if c.logprobs is not None]
+            lp = (answer.token_ids, answer.logprobs, answer.top_logprobs) if answer.logprobs is not None else None
             if chat:
-                entry["message"] = chat_message(choice, chunks, done)
-                entry["logprobs"] = {"content": [e for c in lp for e in words.chat(c)]} if lp else None
+                entry["message"] = chat_message(choice, answer.text)
+                entry["logprobs"] = {"content": words.chat(*lp)} if lp else None
             else:
-                entry["text"] = "".join(c.text for c in chunks) + done.text
-                entry["logprobs"] = completion_logprobs(lp, words) if lp else None
-            entry["finish_reason"] = choice.finish_reason(done.finish_reason)
+                entry["text"] = answer.text
+                entry["logprobs"] = words.completion(*lp) if lp else None
+            entry["finish_reason"] = choice.finish_reason(answer.finish_reason)
             entries.append(entry)
-        usage = summed_usage([done.usage for _, done in gathered], tier)
+        usage = summed_usage([a.usage for a in answers], tier)
         return JSONResponse(head | {"choices": entries, "usage": usage})
-
-    async def gather_chunks(opened: Opened) -> tuple[list[CanvasChunk], DoneChunk] | JSONResponse:
-        chunks: list[CanvasChunk] = []
-        try:
-            async for c in opened.chunks:
-                if isinstance(c, CanvasChunk):
-                    chunks.append(c)
-                elif isinstance(c, DoneChunk):
-                    return chunks, c
-            raise EngineFailure("the stream ended without a final event")
-        except ReplicaLost as exc:  # retryable: the request may be sent again
-            return error_response(503, str(exc), retry_after=1)
-        except EngineFailure as exc:
-            return error_response(500, str(exc))
 
     @app.post("/v1/completions")
     async def completions(body: CompletionBody, request: Request):

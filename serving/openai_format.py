@@ -7,11 +7,11 @@ serving/chat_output.py; completions are text as is.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from serving.chat_output import ChatOutput, Delta
-from serving.frontend import CanvasChunk, DoneChunk, Opened
+from serving.frontend import Opened
 from serving.request import Usage
 
 OPENAI_FINISH = {"eos": "stop"}  # the engine's "length", "stop" and "cancelled" keep their names
@@ -55,28 +55,28 @@ class TokenText:
     def __call__(self, token_id: int) -> str:
         return self.tok.decode([token_id])
 
-    def chat(self, chunk: CanvasChunk) -> list[dict]:
-        """logprobs.content entries of a canvas's tokens."""
+    def chat(self, ids: list[int], logprobs: list[float], top: list | None) -> list[dict]:
+        """logprobs.content entries of tokens (a canvas's, or a whole answer's) and their alternatives."""
         out = []
-        for i, token_id in enumerate(chunk.token_ids):
+        for i, token_id in enumerate(ids):
             text = self(token_id)
-            top = [
-                {"token": (t := self(a)), "logprob": lp, "bytes": list(t.encode())}
-                for a, lp in (chunk.top_logprobs[i] if chunk.top_logprobs else [])
+            alternatives = [
+                {"token": (t := self(a)), "logprob": lp, "bytes": list(t.encode())} for a, lp in (top[i] if top else [])
             ]
-            entry = {"token": text, "logprob": chunk.logprobs[i], "bytes": list(text.encode()), "top_logprobs": top}
-            out.append(entry)
+            out.append(
+                {"token": text, "logprob": logprobs[i], "bytes": list(text.encode()), "top_logprobs": alternatives}
+            )
         return out
 
-    def completion(self, chunk: CanvasChunk, offset: int) -> dict:
-        """The completions API's logprobs object for a canvas's tokens; `offset`: the text before them."""
-        tokens = [self(t) for t in chunk.token_ids]
+    def completion(self, ids: list[int], logprobs: list[float], top: list | None, offset: int = 0) -> dict:
+        """The completions API's logprobs object for tokens; `offset`: the length of the text before them."""
+        tokens = [self(t) for t in ids]
         offsets, at = [], offset
         for t in tokens:
             offsets.append(at)
             at += len(t)
-        tops = [dict((self(a), lp) for a, lp in top) for top in (chunk.top_logprobs or [[] for _ in tokens])]
-        return {"tokens": tokens, "token_logprobs": chunk.logprobs, "top_logprobs": tops, "text_offset": offsets}
+        tops = [dict((self(a), lp) for a, lp in alts) for alts in (top or [[] for _ in tokens])]
+        return {"tokens": tokens, "token_logprobs": logprobs, "top_logprobs": tops, "text_offset": offsets}
 
 
 @dataclass
@@ -90,7 +90,6 @@ class Choice:
     tokens: int = 0
     calls: int = 0
     usage: Usage | None = None
-    logprobs: list = field(default_factory=list)  # non-streaming: every canvas's entries
 
     def finish_reason(self, engine_reason: str) -> str:
         if self.calls and engine_reason in ("eos", "stop"):
@@ -115,13 +114,10 @@ def merge(first: Delta, second: Delta) -> Delta:
     return Delta(first.reasoning + second.reasoning, first.content + second.content, first.calls + second.calls)
 
 
-def chat_message(choice: Choice, chunks: list[CanvasChunk], done: DoneChunk) -> dict:
-    """The non-streaming chat message of a choice's whole answer."""
+def chat_message(choice: Choice, text: str) -> dict:
+    """The non-streaming chat message of a choice's whole answer (its text with the special tokens kept)."""
     assert choice.output is not None
-    delta = Delta()
-    for text in [c.text for c in chunks] + [done.text]:
-        delta = merge(delta, choice.output.feed(text))
-    delta = merge(delta, choice.output.finish())
+    delta = merge(choice.output.feed(text), choice.output.finish())
     message: dict[str, Any] = {"role": "assistant", "content": delta.content or (None if delta.calls else "")}
     message |= {k: v for k, v in chat_delta(choice, delta).items() if k != "content"}
     for call in message.get("tool_calls", ()):

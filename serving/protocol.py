@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt, field_validator, model_validator
 
 from model.config import MAX_TOP_LOGPROBS
 from serving.frontend import Controls
@@ -36,6 +36,8 @@ TEMPLATE_CALL_ARGS = {
     "continue_final_message", "tokenize", "padding", "truncation", "max_length", "return_tensors",
     "return_dict", "return_assistant_tokens_mask", "tokenizer_kwargs", "processor_kwargs",
 }  # fmt: skip
+# `stop`: a string or a list of them, kept as a list (ValueError, so a 400 naming `stop`, where unusable)
+Stops = Annotated[str | list[str] | None, AfterValidator(check_stops)]
 MAX_CHOICES = 8  # `n`: independent answers per request, each a row of the batch
 MAX_FREE = 4096  # free positions one template part may ask for
 STRICT = ConfigDict(extra="forbid")
@@ -67,7 +69,7 @@ class OpenAIOptions(Diffusion):
     stream_options: StreamOptions | None = None
     user: str | None = None
     n: StrictInt = Field(1, ge=1, le=MAX_CHOICES)
-    stop: str | list[str] | None = None
+    stop: Stops = None
     response_format: dict | None = None
     # accepted only at their neutral values (NEUTRAL)
     top_p: float | None = None
@@ -77,11 +79,6 @@ class OpenAIOptions(Diffusion):
     frequency_penalty: float | None = None
     logit_bias: dict | None = None
     suffix: str | None = None
-
-    @field_validator("stop")
-    @classmethod
-    def _stops(cls, v: str | list[str] | None) -> list[str]:
-        return check_stops(v)
 
     @field_validator("response_format")
     @classmethod
@@ -249,14 +246,9 @@ class GenerateBody(Diffusion):
     max_new_tokens: StrictInt | None = Field(None, ge=1)
     stream: bool = False
     stream_drafts: bool = False
-    stop: str | list[str] | None = None
+    stop: Stops = None
     top_logprobs: StrictInt | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)  # None: none; k: chosen token + top k
     # a canvas template: the answer's first positions, as text parts (fixed) and counts of free positions
     template: list[Annotated[str, Field(min_length=1)] | Annotated[StrictInt, Field(ge=1, le=MAX_FREE)]] | None = Field(
         None, min_length=1, max_length=256
     )
-
-    @field_validator("stop")
-    @classmethod
-    def _stops(cls, v: str | list[str] | None) -> list[str]:
-        return check_stops(v)
