@@ -1,21 +1,27 @@
-"""The KubeRay manifest (deploy/kuberay/rayservice.yaml): keep its serveConfigV2 equal to deploy/gpu.yaml and
-validate it against the RayService CRD of a named KubeRay release, offline.
+"""The KubeRay manifests (deploy/kuberay/*.yaml): keep the RayService's serveConfigV2 equal to deploy/gpu.yaml,
+validate every manifest offline, and pin the serving image by digest.
 
     python -m deploy.rayservice sync            # rewrite serveConfigV2 from deploy/gpu.yaml
     python -m deploy.rayservice check           # exit 1 on drift or on any schema error (strict)
+    python -m deploy.rayservice check --release # ... and on an image not pinned by digest
+    python -m deploy.rayservice pin --metadata build.json   # the digest `docker buildx build --metadata-file` wrote
+    python -m deploy.rayservice pin REGISTRY/diffusiongemma-serve@sha256:<digest>
     python -m deploy.rayservice vendor-crd ray.io_rayservices.yaml --version v1.7.0 --commit <sha>
 
-The CRD's v1 openAPIV3Schema is vendored as deploy/kuberay/rayservice-crd-<version>.json (descriptions
+The RayService CRD's v1 openAPIV3Schema is vendored as deploy/kuberay/schema/rayservice-crd-<version>.json (descriptions
 dropped: they are most of its megabyte and validate nothing). Strict mode closes every object schema that lists
 its properties and does not preserve unknown fields (what `kubeconform -strict` does): a misspelt key, which the
 API server would prune without a word, is an error here. serveConfigV2 is a string to Kubernetes; it is parsed
-and checked against Ray Serve's ServeDeploySchema and our AppConfig, with unknown keys refused as well.
+and checked against Ray Serve's ServeDeploySchema and our AppConfig, with unknown keys refused as well. Every
+other manifest (the disruption budget) is checked against Kubernetes' own strict schemas, as kubernetes-validate
+ships them, for the oldest and newest Kubernetes release named in KUBERNETES_VERSIONS.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -23,11 +29,16 @@ from typing import Any
 import yaml
 
 DEPLOY = Path(__file__).resolve().parent
-MANIFEST = DEPLOY / "kuberay" / "rayservice.yaml"
+KUBERAY = DEPLOY / "kuberay"
+MANIFEST = KUBERAY / "rayservice.yaml"
 GPU_CONFIG = DEPLOY / "gpu.yaml"
 CRD_VERSION = "v1.7.0"
-CRD_SCHEMA = DEPLOY / "kuberay" / f"rayservice-crd-{CRD_VERSION}.json"
+SCHEMAS = KUBERAY / "schema"  # out of `kubectl apply -f deploy/kuberay/`, which reads only the folder itself
+CRD_SCHEMA = SCHEMAS / f"rayservice-crd-{CRD_VERSION}.json"
 SERVE_CONFIG_KEY = "  serveConfigV2: |\n"
+# KubeRay v1.7 and a platform's clusters: the oldest Kubernetes still in support and the newest release schemas
+# exist for. A manifest must be valid on both.
+KUBERNETES_VERSIONS = ("1.31", "1.37")
 
 
 # ---------------------------------------------------------------- serveConfigV2 <- gpu.yaml
@@ -61,7 +72,7 @@ def strip_descriptions(node: Any) -> Any:
 def vendor_crd(crd_path: Path, version: str, commit: str) -> Path:
     crd = yaml.safe_load(crd_path.read_text())
     (v1,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
-    out = DEPLOY / "kuberay" / f"rayservice-crd-{version}.json"
+    out = SCHEMAS / f"rayservice-crd-{version}.json"
     data = {
         "source": "https://github.com/ray-project/kuberay/blob/"
         f"{version}/ray-operator/config/crd/bases/ray.io_rayservices.yaml",
@@ -137,7 +148,80 @@ def serve_config_errors(text: str) -> list[str]:
     return errors
 
 
-def check(manifest_path: Path = MANIFEST) -> list[str]:
+# ---------------------------------------------------------------- the image, pinned by digest
+
+DIGEST_REF = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]*@sha256:[0-9a-f]{64}$")
+IMAGE_LINE = re.compile(r"^(?P<key>\s*image:\s*)(?P<ref>\S+)(?P<rest>.*)$", re.MULTILINE)
+
+
+def digest_ref(ref: str) -> str:
+    """`ref` if it names an image by digest (repository@sha256:<64 hex>), else ValueError: a tag can move, so
+    two pods started an hour apart could run different code."""
+    if not DIGEST_REF.match(ref):
+        raise ValueError(f"{ref!r} is not an image pinned by digest (repository@sha256:<64 hex digits>)")
+    return ref
+
+
+def build_metadata_ref(metadata: dict) -> str:
+    """The digest reference of what `docker buildx build --push --metadata-file F` built: its first image name,
+    without the tag, at `containerimage.digest`."""
+    try:
+        name, digest = metadata["image.name"].split(",")[0].strip(), metadata["containerimage.digest"]
+    except KeyError as exc:
+        raise ValueError(f"build metadata has no {exc.args[0]!r}: was the image built with --push?") from None
+    repository = name.split("@")[0]
+    if ":" in repository.rsplit("/", 1)[-1]:  # a tag, not a registry's port
+        repository = repository.rsplit(":", 1)[0]
+    return digest_ref(f"{repository}@{digest}")
+
+
+def pinned(manifest: str, ref: str) -> str:
+    """The manifest text with every container's `image:` set to `ref` (comments and layout kept)."""
+    return IMAGE_LINE.sub(lambda m: f"{m['key']}{digest_ref(ref)}{m['rest']}", manifest)
+
+
+def containers(doc: dict) -> list[tuple[str, dict]]:
+    """(where, container) for every container a RayService starts (the autoscaler sidecar uses the head's image
+    unless autoscalerOptions names one)."""
+    cluster = doc["spec"]["rayClusterConfig"]
+    groups = [("headGroupSpec", cluster["headGroupSpec"])]
+    groups += [(f"workerGroupSpecs[{g['groupName']}]", g) for g in cluster.get("workerGroupSpecs", [])]
+    found = [(f"{where}.{c['name']}", c) for where, group in groups for c in group["template"]["spec"]["containers"]]
+    if "image" in cluster.get("autoscalerOptions", {}):
+        found.append(("autoscalerOptions", cluster["autoscalerOptions"]))
+    return found
+
+
+def unpinned_images(doc: dict) -> list[str]:
+    errors = []
+    for where, container in containers(doc):
+        try:
+            digest_ref(container.get("image", ""))
+        except ValueError as exc:
+            errors.append(f"{where}.image: {exc}; build, push and run `python -m deploy.rayservice pin`")
+    return errors
+
+
+# ---------------------------------------------------------------- every manifest
+
+
+def kubernetes_errors(doc: dict, where: str) -> list[str]:
+    """A plain Kubernetes object against Kubernetes' strict schemas (unknown keys fail), on every version."""
+    import kubernetes_validate
+
+    errors = []
+    for version in KUBERNETES_VERSIONS:
+        try:
+            kubernetes_validate.validate(doc, version, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            at = ".".join(str(p) for p in exc.absolute_path) or "<root>"
+            errors.append(f"{where}: Kubernetes {version}: {at}: {exc.message}")
+        except kubernetes_validate.SchemaNotFoundError as exc:
+            errors.append(f"{where}: {exc.message}")
+    return errors
+
+
+def rayservice_errors(manifest_path: Path, release: bool = False) -> list[str]:
     text = manifest_path.read_text()
     errors = []
     if synced(text, GPU_CONFIG.read_text()) != text:
@@ -145,6 +229,25 @@ def check(manifest_path: Path = MANIFEST) -> list[str]:
     doc = yaml.safe_load(text)
     errors += schema_errors(doc)
     errors += serve_config_errors(doc["spec"]["serveConfigV2"])
+    if release:
+        errors += unpinned_images(doc)
+    return errors
+
+
+def check(directory: Path = KUBERAY, release: bool = False) -> list[str]:
+    """Every YAML manifest in `directory`: the RayService against KubeRay's CRD and Serve's schema, anything else
+    against Kubernetes' own; with `release`, images must be pinned by digest as well."""
+    errors = []
+    for path in sorted(directory.glob("*.yaml")):
+        docs = [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
+        if any(d.get("kind") == "RayService" for d in docs):
+            if len(docs) != 1:
+                errors.append(f"{path.name}: the RayService must be the file's only document (sync rewrites it)")
+                continue
+            errors += [f"{path.name}: {e}" for e in rayservice_errors(path, release)]
+            continue
+        for doc in docs:
+            errors += kubernetes_errors(doc, f"{path.name}: {doc.get('kind')} {doc.get('metadata', {}).get('name')}")
     return errors
 
 
@@ -152,8 +255,14 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="command", required=True)
     sub.add_parser("sync", help="rewrite serveConfigV2 from deploy/gpu.yaml")
-    chk = sub.add_parser("check", help="drift and schema errors; exit 1 if any")
-    chk.add_argument("manifest", nargs="?", type=Path, default=MANIFEST)
+    chk = sub.add_parser("check", help="drift and schema errors in every manifest; exit 1 if any")
+    chk.add_argument("directory", nargs="?", type=Path, default=KUBERAY)
+    chk.add_argument("--release", action="store_true", help="also require every image pinned by digest")
+    pin = sub.add_parser("pin", help="set the RayService's images to one reference by digest")
+    source = pin.add_mutually_exclusive_group(required=True)
+    source.add_argument("ref", nargs="?", help="repository@sha256:<digest>")
+    source.add_argument("--metadata", type=Path, help="the file `docker buildx build --metadata-file` wrote")
+    pin.add_argument("--manifest", type=Path, default=MANIFEST)
     vendor = sub.add_parser("vendor-crd", help="vendor a KubeRay release's RayService CRD schema")
     vendor.add_argument("crd", type=Path)
     vendor.add_argument("--version", required=True)
@@ -166,7 +275,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "vendor-crd":
         print(f"wrote {vendor_crd(args.crd, args.version, args.commit)}")
         return 0
-    errors = check(args.manifest)
+    if args.command == "pin":
+        try:
+            ref = build_metadata_ref(json.loads(args.metadata.read_text())) if args.metadata else digest_ref(args.ref)
+        except ValueError as exc:
+            print(exc, file=sys.stderr)
+            return 2
+        args.manifest.write_text(pinned(args.manifest.read_text(), ref))
+        print(f"wrote {args.manifest}: image {ref}")
+        return 0
+    errors = check(args.directory, release=args.release)
     for e in errors:
         print(e, file=sys.stderr)
     print("ok" if not errors else f"{len(errors)} error(s)")

@@ -57,17 +57,20 @@ class App:
     config: dict
     ray_dir: Path  # the cluster's RAY_TMPDIR: its session files (ports, logs)
 
+    def session_port(self, name: str) -> int:
+        """A port the head node wrote to its session folder: gcs_server, metrics_export, dashboard_agent_listen."""
+        (port_file,) = (self.ray_dir / "ray" / "session_latest").glob(f"{name}_port_*")
+        return int(port_file.read_text().strip())
+
     def metrics(self) -> str:
         """One Prometheus scrape of the node's metrics port (Ray exports every process's metrics there)."""
-        (port_file,) = (self.ray_dir / "ray" / "session_latest").glob("metrics_export_port_*")
-        r = httpx.get(f"http://127.0.0.1:{port_file.read_text().strip()}/metrics", timeout=30)
+        r = httpx.get(f"http://127.0.0.1:{self.session_port('metrics_export')}/metrics", timeout=30)
         r.raise_for_status()
         return r.text
 
     def gcs_address(self) -> str:
         """The cluster's GCS address, for Ray's state API (`ray.util.state.list_actors(address=...)`)."""
-        (port_file,) = (self.ray_dir / "ray" / "session_latest").glob("gcs_server_port_*")
-        return f"127.0.0.1:{port_file.read_text().strip()}"
+        return f"127.0.0.1:{self.session_port('gcs_server')}"
 
     def replica_pids(self, deployment: str) -> list[int]:
         """The PIDs of a deployment's live replica processes (`Denoiser-cpu`, `Ingress`), through Ray's state

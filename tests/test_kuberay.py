@@ -1,20 +1,37 @@
-"""deploy/kuberay/rayservice.yaml against the RayService CRD of KubeRay v1.7.0 (vendored schema, strict: unknown
+"""deploy/kuberay/: the RayService against the RayService CRD of KubeRay v1.7.0 (vendored schema, strict: unknown
 keys fail), its serveConfigV2 against Ray Serve's ServeDeploySchema and our AppConfig, and against
-deploy/gpu.yaml (drift fails); the documented commands run."""
+deploy/gpu.yaml (drift fails); the disruption budget against Kubernetes' strict schemas; the image pinned by
+digest for a release; the documented commands run."""
 
 from __future__ import annotations
 
 import copy
 import json
+import shutil
 import subprocess
 import sys
 
 import pytest
 import yaml
 
-from deploy.rayservice import CRD_SCHEMA, GPU_CONFIG, MANIFEST, check, schema_errors, serve_config_errors, synced
+from deploy.rayservice import (
+    CRD_SCHEMA,
+    GPU_CONFIG,
+    KUBERAY,
+    MANIFEST,
+    build_metadata_ref,
+    check,
+    containers,
+    pinned,
+    rayservice_errors,
+    schema_errors,
+    serve_config_errors,
+    synced,
+)
 
 ROOT = MANIFEST.parent.parent.parent
+PDB = KUBERAY / "pdb.yaml"
+DIGEST = "sha256:" + "0123456789abcdef" * 4
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +79,7 @@ def test_drift_from_gpu_yaml_is_reported(tmp_path):
     text = MANIFEST.read_text().replace("max_queue: 256", "max_queue: 128", 1)
     path = tmp_path / "rayservice.yaml"
     path.write_text(text)
-    assert any("differs from deploy/gpu.yaml" in e for e in check(path))
+    assert any("differs from deploy/gpu.yaml" in e for e in rayservice_errors(path))
     assert synced(text, GPU_CONFIG.read_text()) == MANIFEST.read_text()  # sync restores it
 
 
@@ -126,3 +143,85 @@ def test_the_control_plane_is_closed_and_the_head_may_fail(manifest):
         assert c["securityContext"]["allowPrivilegeEscalation"] is False
         assert c["resources"]["limits"]["cpu"] and c["resources"]["limits"]["memory"]
         assert any(m["mountPath"] == "/tmp" for m in c["volumeMounts"])  # Ray writes its session files there
+
+
+def test_probes_keep_ray_alive_without_the_token(manifest):
+    """Liveness is Ray's /api/healthz on the dashboard agent (tests/test_token_auth.py shows it answers without
+    the token in token mode), with a threshold long enough that a slow node is not killed."""
+    cluster = manifest["spec"]["rayClusterConfig"]
+    groups = [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
+    for group in groups:
+        (container,) = group["template"]["spec"]["containers"]
+        probe = container["livenessProbe"]
+        agent_port = int(group["rayStartParams"].get("dashboard-agent-listen-port", 52365))
+        assert probe["httpGet"] == {"path": "/api/healthz", "port": agent_port}
+        assert probe["periodSeconds"] * probe["failureThreshold"] >= 300
+
+
+def test_the_disruption_budget_guards_the_gpu_workers_only(manifest):
+    pdb = yaml.safe_load(PDB.read_text())
+    cluster = manifest["spec"]["rayClusterConfig"]
+    selector = pdb["spec"]["selector"]["matchLabels"]
+    worker_labels = cluster["workerGroupSpecs"][0]["template"]["metadata"]["labels"]
+    head_labels = cluster["headGroupSpec"]["template"]["metadata"]["labels"]
+    assert selector.items() <= worker_labels.items()  # every GPU worker pod, of either cluster during an upgrade
+    assert not selector.items() <= head_labels.items()
+    assert pdb["spec"]["maxUnavailable"] == 1 and "minAvailable" not in pdb["spec"]
+    assert pdb["spec"]["unhealthyPodEvictionPolicy"] == "AlwaysAllow"  # a wedged pod never blocks a node drain
+
+
+def test_every_manifest_in_the_folder_is_checked_against_kubernetes_strictly(tmp_path):
+    """check() reads every YAML file in deploy/kuberay/: a typo in the budget, a wrong type, or a kind with no
+    schema fails; the shipped folder passes."""
+    assert check(KUBERAY) == []
+    pdb = yaml.safe_load(PDB.read_text())
+    typo = copy.deepcopy(pdb)
+    typo["spec"]["maxUnavailabe"] = typo["spec"].pop("maxUnavailable")
+    (tmp_path / "pdb.yaml").write_text(yaml.safe_dump(typo))
+    errors = check(tmp_path)
+    assert errors and all("maxUnavailabe" in e for e in errors) and len(errors) == 2, errors  # both versions
+    wrong = copy.deepcopy(pdb)
+    wrong["spec"]["selector"]["matchLabels"] = ["gpu-worker"]
+    (tmp_path / "pdb.yaml").write_text(yaml.safe_dump(wrong))
+    assert any("spec.selector.matchLabels" in e for e in check(tmp_path))
+    (tmp_path / "pdb.yaml").write_text(yaml.safe_dump({**pdb, "apiVersion": "policy/v1alpha9"}))
+    assert any("Couldn't find schema" in e for e in check(tmp_path))
+
+
+def test_a_release_needs_the_image_pinned_by_digest(tmp_path):
+    """The documented build: `docker buildx build --push --metadata-file build.json`, then `pin --metadata`
+    writes the pushed digest into every container; `check --release` refuses the manifest until then."""
+    folder = tmp_path / "kuberay"
+    shutil.copytree(KUBERAY, folder)
+    run = lambda *args: subprocess.run([sys.executable, "-m", "deploy.rayservice", *args], cwd=ROOT,  # noqa: E731
+                                       capture_output=True, text=True)  # fmt: skip
+    refused = run("check", str(folder), "--release")
+    assert refused.returncode == 1
+    assert "headGroupSpec.ray-head.image" in refused.stderr and "workerGroupSpecs[h100].ray-worker" in refused.stderr
+    metadata = tmp_path / "build.json"
+    metadata.write_text(json.dumps({"image.name": "registry.example.com:5000/ml/diffusiongemma-serve:0.1.0",
+                                    "containerimage.digest": DIGEST}))  # fmt: skip
+    pin = run("pin", "--metadata", str(metadata), "--manifest", str(folder / "rayservice.yaml"))
+    assert pin.returncode == 0, pin.stderr
+    doc = yaml.safe_load((folder / "rayservice.yaml").read_text())
+    assert {c["image"] for _, c in containers(doc)} == {f"registry.example.com:5000/ml/diffusiongemma-serve@{DIGEST}"}
+    assert run("check", str(folder), "--release").returncode == 0
+    assert (folder / "rayservice.yaml").read_text().count("#") == MANIFEST.read_text().count("#")  # comments kept
+
+
+@pytest.mark.parametrize(
+    "ref",
+    ["registry/diffusiongemma-serve:0.1.0", "registry/diffusiongemma-serve@sha256:abc", f"@{DIGEST}", ""],
+)
+def test_only_a_digest_reference_can_be_pinned(ref):
+    with pytest.raises(ValueError, match="pinned by digest"):
+        pinned(MANIFEST.read_text(), ref)
+
+
+def test_build_metadata_without_a_pushed_digest_is_refused():
+    with pytest.raises(ValueError, match="containerimage.digest"):
+        build_metadata_ref({"image.name": "registry/diffusiongemma-serve:0.1.0"})
+    # several names: the first, its tag dropped; a registry's port is not a tag
+    names = "localhost:5000/diffusiongemma-serve:0.1.0,localhost:5000/diffusiongemma-serve:latest"
+    ref = build_metadata_ref({"image.name": names, "containerimage.digest": DIGEST})
+    assert ref == f"localhost:5000/diffusiongemma-serve@{DIGEST}"

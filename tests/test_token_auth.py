@@ -1,6 +1,7 @@
 """`serve run deploy/config.yaml` with Ray's token authentication on (what a shared machine should run): the
 service answers on both protocols, Ray's control plane (the dashboard and its Serve and Jobs APIs) refuses a
-caller without the token, and the project's own Ray clients (Serve's CLI, deploy/drain.py) work with it."""
+caller without the token while the liveness path the Kubernetes manifest probes answers without one, and the
+project's own Ray clients (Serve's CLI, deploy/drain.py) work with it."""
 
 from __future__ import annotations
 
@@ -13,7 +14,9 @@ import sys
 import grpc
 import httpx
 import pytest
+import yaml
 
+from deploy.rayservice import MANIFEST
 from loadtest.serve_run import ROOT, ServeRun, shipped_config
 from protos.diffusiongemma.v1 import diffusion_pb2 as pb
 from protos.diffusiongemma.v1 import diffusion_pb2_grpc as pb_grpc
@@ -49,6 +52,14 @@ def test_token_mode_closes_the_control_plane_and_serves_both_protocols(tmp_path)
         ok = httpx.get(f"{dashboard}/api/serve/applications/", headers={"authorization": f"Bearer {token}"},
                        timeout=30)  # fmt: skip
         assert ok.status_code == 200 and "diffusiongemma" in ok.json()["applications"]
+
+        # Kubernetes' probes carry no token: the liveness path deploy/kuberay/rayservice.yaml gives the kubelet (on
+        # the dashboard agent) answers without one, and says the raylet and the GCS are alive
+        cluster = yaml.safe_load(MANIFEST.read_text())["spec"]["rayClusterConfig"]
+        liveness = cluster["headGroupSpec"]["template"]["spec"]["containers"][0]["livenessProbe"]["httpGet"]
+        alive = httpx.get(f"http://127.0.0.1:{app.session_port('dashboard_agent_listen')}{liveness['path']}",
+                          timeout=30)  # fmt: skip
+        assert alive.status_code == 200 and "raylet: success" in alive.text and "gcs: success" in alive.text
 
         # the project's Ray clients, given the token by the environment as the README says
         client_env = os.environ | env
