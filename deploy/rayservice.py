@@ -12,7 +12,8 @@ The RayService CRD's v1 openAPIV3Schema is vendored as deploy/kuberay/schema/ray
 dropped: they are most of its megabyte and validate nothing). Strict mode closes every object schema that lists
 its properties and does not preserve unknown fields (what `kubeconform -strict` does): a misspelt key, which the
 API server would prune without a word, is an error here. serveConfigV2 is a string to Kubernetes; it is parsed
-and checked against Ray Serve's ServeDeploySchema and our AppConfig, with unknown keys refused as well. Every
+and checked against Ray Serve's ServeDeploySchema and our AppConfig, with unknown keys refused as well; the
+feature gates and Ray version KubeRay's own validation asks for the fields used are checked too. Every
 other manifest (the disruption budget) is checked against Kubernetes' own strict schemas, as kubernetes-validate
 ships them, for the oldest and newest Kubernetes release named in KUBERNETES_VERSIONS.
 """
@@ -148,6 +149,36 @@ def serve_config_errors(text: str) -> list[str]:
     return errors
 
 
+# ---------------------------------------------------------------- what KubeRay refuses beyond its schema
+
+# The feature gates the operator must run with (deploy/kuberay/README.md says how). KubeRay 1.7's own validation
+# (ray-operator/controllers/ray/utils/validation.go) refuses a cluster that uses a gated field while the gate is
+# off, which no schema says: a field needing another gate is an error here.
+FEATURE_GATES = {"RayClusterNetworkPolicy"}
+TOKEN_AUTH_MIN_RAY = (2, 52)
+
+
+def kuberay_errors(doc: dict) -> list[str]:
+    cluster = doc["spec"]["rayClusterConfig"]
+    gated = {
+        "RayClusterNetworkPolicy": "networkPolicy" in cluster,
+        "RayClusterMTLS": "tlsOptions" in cluster,  # any tlsOptions, `enabled: false` included
+        "GCSFaultToleranceEmbeddedStorage": cluster.get("gcsFaultToleranceOptions", {}).get("backend") == "rocksdb",
+        "RayServiceIncrementalUpgrade": False,  # beta, on by default
+    }
+    set_up = ", ".join(sorted(FEATURE_GATES))
+    missing = [gate for gate, used in gated.items() if used and gate not in FEATURE_GATES]
+    errors = [
+        f"rayClusterConfig: needs KubeRay's {gate} feature gate; the operator is set up with {set_up}"
+        for gate in missing
+    ]
+    if cluster.get("authOptions", {}).get("mode") == "token":
+        version = tuple(int(x) for x in str(cluster.get("rayVersion", "0")).split(".")[:2])
+        if version < TOKEN_AUTH_MIN_RAY:
+            errors.append(f"rayClusterConfig.rayVersion: token authentication needs Ray >= 2.52, not {version}")
+    return errors
+
+
 # ---------------------------------------------------------------- the image, pinned by digest
 
 DIGEST_REF = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]*@sha256:[0-9a-f]{64}$")
@@ -228,6 +259,7 @@ def rayservice_errors(manifest_path: Path, release: bool = False) -> list[str]:
         errors.append("serveConfigV2 differs from deploy/gpu.yaml: run `python -m deploy.rayservice sync`")
     doc = yaml.safe_load(text)
     errors += schema_errors(doc)
+    errors += kuberay_errors(doc)
     errors += serve_config_errors(doc["spec"]["serveConfigV2"])
     if release:
         errors += unpinned_images(doc)

@@ -111,17 +111,38 @@ def serve_cli(app: App, tmp_path, *args: str, config: dict | None = None) -> sub
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=180, cwd=ROOT, check=True)
 
 
-def test_a_redeploy_under_load_finishes_what_is_in_flight_and_refuses_nothing(served, tmp_path):
-    """`serve deploy` of a changed config: Serve starts new replicas and drains the old ones."""
+def test_a_redeploy_under_load_changes_tiers_and_replicas_in_place_and_refuses_nothing(served, tmp_path):
+    """`serve deploy` of a changed config to the running cluster (what KubeRay does with a serveConfigV2 change):
+    a tier added, another tier's steps changed, the pool from one replica to two. Serve starts the new replicas
+    before it drains the old ones: every stream in flight completes, every new request is answered, and the
+    change is live on the same cluster."""
     app: App = served.get(shipped_config())
+    session = (app.ray_dir / "ray" / "session_latest").resolve()
     changed = copy.deepcopy(app.config)
-    changed["applications"][0]["args"]["pools"]["cpu"]["max_queue"] = 60
+    args = changed["applications"][0]["args"]
+    args["tiers"]["fast"]["sampler"]["max_denoising_steps"] = 3
+    args["tiers"]["draft"] = copy.deepcopy(args["tiers"]["fast"]) | {"description": "1 step per canvas"}
+    args["tiers"]["draft"]["sampler"]["max_denoising_steps"] = 1
+    args["pools"]["cpu"].update(replicas=2, threads=1)
     deploy = lambda: serve_cli(app, tmp_path, "ray.serve.scripts", "deploy", "-a", app.dashboard(), config=changed)  # noqa: E731
     outcomes, probes, _ = asyncio.run(during(app, deploy))
-    served.stop()  # the app now runs another config than the one it was started with
     print(f"redeploy: streams {sorted(set(outcomes))}, new requests {sorted(set(probes))} ({len(probes)})")
     assert outcomes == ["answered"] * len(outcomes)
     assert probes and set(probes) == {"200"}
+
+    deadline = time.monotonic() + 180
+    while len(app.running_replica_pids("Denoiser-cpu")) < 2 or "draft" not in tiers(app):
+        assert time.monotonic() < deadline, f"the new config is not live: {tiers(app)}"
+        time.sleep(1)
+    assert tiers(app)["fast"]["max_denoising_steps"] == 3
+    draft = httpx.post(f"{app.http}/v1/generate", json={"text": "reverse: a b c", "tier": "draft"}, timeout=60)
+    assert draft.status_code == 200 and draft.json()["tier"] == "draft", draft.text
+    assert (app.ray_dir / "ray" / "session_latest").resolve() == session  # the same cluster: nothing restarted
+    served.stop()  # the app now runs another config than the one it was started with
+
+
+def tiers(app: App) -> dict[str, dict]:
+    return httpx.get(f"{app.http}/v1/models", timeout=30).json()["data"][0]["tiers"]
 
 
 def test_a_drain_then_shutdown_refuses_new_requests_with_503_and_cuts_nothing(served, tmp_path):

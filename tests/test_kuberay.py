@@ -22,6 +22,7 @@ from deploy.rayservice import (
     build_metadata_ref,
     check,
     containers,
+    kuberay_errors,
     pinned,
     rayservice_errors,
     schema_errors,
@@ -122,6 +123,7 @@ def test_the_control_plane_is_closed_and_the_head_may_fail(manifest):
     assert spec["excludeHeadPodFromServeSvc"] is True
     assert spec["serviceUnhealthySecondThreshold"] >= 600 and spec["deploymentUnhealthySecondThreshold"] >= 600
     assert spec["upgradeStrategy"]["type"] in ("NewCluster", "NewClusterWithIncrementalUpgrade")
+    assert "tlsOptions" not in cluster  # KubeRay 1.7 refuses any tlsOptions (even disabled) without its mTLS gate
     policy = cluster["networkPolicy"]
     assert policy["mode"] in ("DenyAll", "DenyAllIngress")
     opened = {
@@ -131,9 +133,13 @@ def test_the_control_plane_is_closed_and_the_head_may_fail(manifest):
         for port in rule["ports"]
         for peer in rule["from"]
     }
-    assert opened == {("head", 8080, "monitoring"), ("worker", 8000, "ingress"), ("worker", 9000, "ingress"),
-                      ("worker", 8080, "monitoring")}  # fmt: skip
-    assert not {8265, 6379, 10001} & {port for _, port, _ in opened}
+    assert opened == {("head", 8265, "kuberay-system"), ("head", 8080, "monitoring"), ("worker", 8000, "ingress"),
+                      ("worker", 9000, "ingress"), ("worker", 8080, "monitoring")}  # fmt: skip
+    assert not {6379, 10001} & {port for _, port, _ in opened}
+    # the dashboard (whose Jobs API runs any code) opens to the operator's pods alone, not its whole namespace
+    (operator,) = [peer for rule in policy["head"]["ingressRules"] for peer in rule["from"]
+                   if any(port["port"] == 8265 for port in rule["ports"])]  # fmt: skip
+    assert operator["podSelector"]["matchLabels"] == {"app.kubernetes.io/component": "kuberay-operator"}
     pods = [cluster["headGroupSpec"]["template"]["spec"]] + [g["template"]["spec"] for g in cluster["workerGroupSpecs"]]
     containers = [c for pod in pods for c in pod["containers"]] + [cluster["autoscalerOptions"]]
     for pod in pods:
@@ -143,6 +149,25 @@ def test_the_control_plane_is_closed_and_the_head_may_fail(manifest):
         assert c["securityContext"]["allowPrivilegeEscalation"] is False
         assert c["resources"]["limits"]["cpu"] and c["resources"]["limits"]["memory"]
         assert any(m["mountPath"] == "/tmp" for m in c["volumeMounts"])  # Ray writes its session files there
+
+
+def test_ray_internal_tls_switches_on_within_the_crd_and_needs_its_gate(manifest):
+    tls = copy.deepcopy(manifest)
+    tls["spec"]["rayClusterConfig"]["tlsOptions"] = {"enabled": True}
+    assert schema_errors(tls) == []
+    tls["spec"]["rayClusterConfig"]["tlsOptions"] = {"enabled": True, "issuer": "ca"}  # KubeRay brings its own
+    assert any("issuer" in e for e in schema_errors(tls))
+    # valid to the schema, refused by KubeRay 1.7's operator unless it runs with RayClusterMTLS, even when false
+    assert kuberay_errors(manifest) == []
+    for enabled in (True, False):
+        tls["spec"]["rayClusterConfig"]["tlsOptions"] = {"enabled": enabled}
+        assert any("RayClusterMTLS" in e for e in kuberay_errors(tls))
+
+
+def test_token_auth_needs_a_ray_that_has_it(manifest):
+    old = copy.deepcopy(manifest)
+    old["spec"]["rayClusterConfig"]["rayVersion"] = "2.50.0"
+    assert schema_errors(old) == [] and any("Ray >= 2.52" in e for e in kuberay_errors(old))
 
 
 def test_probes_keep_ray_alive_without_the_token(manifest):
