@@ -250,3 +250,22 @@ def test_build_metadata_without_a_pushed_digest_is_refused():
     names = "localhost:5000/diffusiongemma-serve:0.1.0,localhost:5000/diffusiongemma-serve:latest"
     ref = build_metadata_ref({"image.name": names, "containerimage.digest": DIGEST})
     assert ref == f"localhost:5000/diffusiongemma-serve@{DIGEST}"
+
+
+def test_an_evicted_gpu_worker_drains_its_ray_node_first(manifest):
+    """The worker's preStop hook runs deploy/node_drain.py (tests/test_node_drain.py shows what it does) with a
+    deadline past the pools' graceful stop, and the pod's grace period outlasts the hook."""
+    from deploy import node_drain
+
+    pools = yaml.safe_load(manifest["spec"]["serveConfigV2"])["applications"][0]["args"]["pools"]
+    (group,) = manifest["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+    pod = group["template"]["spec"]
+    (container,) = pod["containers"]
+    command = container["lifecycle"]["preStop"]["exec"]["command"]
+    assert command[:3] == ["python", "-m", "deploy.node_drain"]
+    args = node_drain.parser().parse_args(command[3:])
+    assert args.node_id is None  # this pod's own node, found by its IP on the cluster at RAY_ADDRESS (KubeRay's)
+    env = {e["name"]: e for e in container["env"]}
+    assert env["POD_IP"]["valueFrom"] == {"fieldRef": {"fieldPath": "status.podIP"}}
+    assert args.deadline_s > max(p["graceful_shutdown_timeout_s"] for p in pools.values())
+    assert pod["terminationGracePeriodSeconds"] >= args.deadline_s + 30
