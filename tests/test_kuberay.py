@@ -144,6 +144,9 @@ def test_the_control_plane_is_closed_and_the_head_may_fail(manifest):
     containers = [c for pod in pods for c in pod["containers"]] + [cluster["autoscalerOptions"]]
     for pod in pods:
         assert pod["securityContext"]["runAsNonRoot"] is True
+        for volume in pod["volumes"]:  # disk-backed scratch space is bounded (memory-backed counts in the limit)
+            assert volume["emptyDir"].get("medium") == "Memory" or volume["emptyDir"]["sizeLimit"], volume
+    assert all(pod["automountServiceAccountToken"] is False for pod in pods[1:])  # the head's autoscaler needs it
     for c in containers:
         assert c["securityContext"]["readOnlyRootFilesystem"] is True
         assert c["securityContext"]["allowPrivilegeEscalation"] is False
