@@ -2,19 +2,21 @@
 
     python -m loadtest.gcs_outage [--outage-s 10] [--rate 5]     # needs redis-server (Debian's package)
 
-What KubeRay's `gcsFaultToleranceOptions` gives a RayService (deploy/kuberay/README.md), shown on one machine: a
-Redis server is started on a free loopback port, Ray is started with `RAY_REDIS_ADDRESS` pointing at it, and
-deploy/config.yaml's application is deployed. A client sends `/v1/generate` requests at `--rate` per second
-through Serve's HTTP proxy; the GCS process is killed with SIGKILL by its PID, left dead for `--outage-s`, and
-started again (KubeRay restarts the head's container; here Ray's own node API starts the GCS). Serve's proxy and
-replicas hold their actor handles and keep answering meanwhile; the restarted GCS reads its tables back from Redis,
-and Serve's state (the application, RUNNING) is there again.
-
-On one machine the proxy is the head node's: a second node's proxy would need the same HTTP port. In a cluster
-the head is out of the serve Service (`excludeHeadPodFromServeSvc`) and the workers' proxies answer.
+What KubeRay's `gcsFaultToleranceOptions` gives a RayService (deploy/kuberay/README.md), shown on one machine. A
+Redis server is started on a free loopback port and a two-node Ray cluster (Ray's own cluster_utils: two raylets)
+with `RAY_REDIS_ADDRESS` pointing at it, laid out as rayservice.yaml lays out pods: a head with no CPUs for
+replicas (the GCS, Serve's controller, the dashboard) and a worker node. deploy/config.yaml's application is
+deployed as KubeRay deploys serveConfigV2, through the dashboard's REST API, with the router overridden as
+deploy/gpu.yaml overrides it (one CPU, so never on the head). A client sends `/v1/generate` requests at `--rate`
+per second through the worker node's Serve proxy (its own port: Serve's RAY_SERVE_WORKER_PROXY_HTTP_PORT, since
+two proxies on one machine cannot share one); the GCS process is killed with SIGKILL by its PID, left dead for
+`--outage-s`, and started again (KubeRay restarts the head's container; here Ray's node API starts the GCS).
+The worker's proxy and replicas hold their actor handles and keep answering meanwhile; the restarted GCS reads
+its tables back from Redis, and Serve's state (the application, RUNNING) is there again.
 
 The last line printed is one JSON object: requests sent before, during and after the outage, answered and failed,
-the GCS PID killed, and the application's status after the restart. Everything started is stopped at the end.
+the GCS PID killed, where the proxy and replicas ran, and the application's status after the restart. Everything
+started is stopped at the end.
 """
 
 from __future__ import annotations
@@ -22,15 +24,42 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import subprocess
+import tempfile
 import threading
 import time
 
 import httpx
 import yaml
 
+from deploy.drain import ROUTER
 from loadtest.serve_run import ROOT, free_port
+
+
+def deploy_config(http_port: int) -> dict:
+    """deploy/config.yaml as KubeRay would submit it: the router overridden as deploy/gpu.yaml overrides it."""
+    config = yaml.safe_load((ROOT / "deploy" / "config.yaml").read_text())
+    config["proxy_location"] = "EveryNode"
+    config["http_options"].update(host="127.0.0.1", port=http_port)
+    config.pop("grpc_options")  # HTTP is enough to show it; one port less to keep apart
+    app = config["applications"][0]
+    app["deployments"] = [{"name": ROUTER, "num_replicas": 1, "ray_actor_options": {"num_cpus": 1}}]
+    app["args"]["pools"]["cpu"].update(threads=1)
+    return config
+
+
+def placement(address: str, head_id: str) -> dict:
+    """Where Serve's proxies and the app's replicas run: {"head": [...], "worker": [...]}."""
+    from ray.util.state import list_actors
+
+    actors = list_actors(address=address, filters=[("state", "=", "ALIVE")], limit=1000)
+    where: dict[str, list[str]] = {"head": [], "worker": []}
+    for a in actors:
+        if a.class_name.startswith(("ServeReplica:", "ProxyActor")):
+            where["head" if a.node_id == head_id else "worker"].append(a.class_name.split(":")[-1])
+    return {k: sorted(v) for k, v in where.items()}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -41,26 +70,43 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--rate", type=float, default=5.0, help="requests per second, one at a time")
     args = ap.parse_args(argv)
 
-    redis_port, http_port = free_port(), free_port()
+    redis_port, head_http, worker_http = free_port(), free_port(), free_port()
     redis = subprocess.Popen(
         ["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
+    ray_dir = os.environ["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="ray", dir="/tmp")
     os.environ["RAY_REDIS_ADDRESS"] = f"127.0.0.1:{redis_port}"  # what KubeRay sets from gcsFaultToleranceOptions
+    os.environ["RAY_SERVE_WORKER_PROXY_HTTP_PORT"] = str(worker_http)  # the head's proxy keeps head_http
     import ray
     from ray import serve
     from ray._private import ray_constants
+    from ray.cluster_utils import Cluster
 
-    from serving.app import build
-
+    head_args = {"num_cpus": 0, "gcs_server_port": free_port(), "include_dashboard": True,
+                 "dashboard_host": "127.0.0.1", "dashboard_port": free_port()}  # fmt: skip
+    cluster = Cluster(initialize_head=True, head_node_args=head_args)
     result: dict = {}
     try:
-        ray.init(address="local", num_cpus=2, include_dashboard=False)
-        serve.start(http_options={"host": "127.0.0.1", "port": http_port})
-        config = yaml.safe_load((ROOT / "deploy" / "config.yaml").read_text())["applications"][0]
-        serve.run(build(config["args"]), name=config["name"], route_prefix="/")
-        url = f"http://127.0.0.1:{http_port}"
+        cluster.add_node(num_cpus=2)
+        ray.init(address=cluster.address, logging_level="ERROR", log_to_driver=False)
+        config = deploy_config(head_http)
+        name = config["applications"][0]["name"]
+        dashboard = f"http://{cluster.webui_url}"
+        httpx.put(f"{dashboard}/api/serve/applications/", json=config, timeout=60).raise_for_status()
+        url = f"http://127.0.0.1:{worker_http}"  # the worker node's proxy
+        deadline = time.time() + 240
+        while True:
+            try:
+                if httpx.get(f"{url}/ready", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.time() > deadline:
+                raise RuntimeError("the application did not become ready through the worker's proxy")
+            time.sleep(1)
+        where = placement(cluster.address, cluster.head_node.node_id)
         sent: list[tuple[float, str, float]] = []  # (time, outcome, seconds it took)
         stop = threading.Event()
 
@@ -80,16 +126,16 @@ def main(argv: list[str] | None = None) -> dict:
         client = threading.Thread(target=load)
         client.start()
         time.sleep(args.before_s)
-        node = ray._private.worker._global_node
-        (gcs,) = node.all_processes[ray_constants.PROCESS_TYPE_GCS_SERVER]
+        head = cluster.head_node
+        (gcs,) = head.all_processes[ray_constants.PROCESS_TYPE_GCS_SERVER]
         killed_at = time.time()
         os.kill(gcs.process.pid, signal.SIGKILL)
-        node.kill_gcs_server(check_alive=False)  # Ray's bookkeeping of a process now dead
+        head.kill_gcs_server(check_alive=False)  # Ray's bookkeeping of a process now dead
         time.sleep(args.outage_s)
         restarted_at = time.time()
-        node.start_gcs_server()
+        head.start_gcs_server()
         time.sleep(args.after_s)
-        status = serve.status().applications[config["name"]].status
+        status = serve.status().applications[name].status
         stop.set()
         client.join()
 
@@ -102,6 +148,8 @@ def main(argv: list[str] | None = None) -> dict:
 
         result = {
             "gcs_pid_killed": gcs.process.pid,
+            "proxy": url,
+            "actors_by_node": where,
             "outage_s": round(restarted_at - killed_at, 1),
             "before": window(0, killed_at),
             "during": window(killed_at, restarted_at),
@@ -113,8 +161,10 @@ def main(argv: list[str] | None = None) -> dict:
             serve.shutdown()
         finally:
             ray.shutdown()
+            cluster.shutdown()
             redis.terminate()
             redis.wait(timeout=30)
+            shutil.rmtree(ray_dir, ignore_errors=True)
     print(json.dumps(result))
     return result
 

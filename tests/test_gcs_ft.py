@@ -1,6 +1,7 @@
-"""The head may die: `python -m loadtest.gcs_outage` kills the GCS by its PID under load on a local Ray cluster with
-GCS fault tolerance on a Redis server it starts (Debian's redis-server), then starts the GCS again. Every request
-sent before, during and after the outage is answered, and Serve's application is RUNNING after the restart."""
+"""The head may die: `python -m loadtest.gcs_outage` kills the GCS by its PID under load on a local two-node Ray
+cluster with GCS fault tolerance on a Redis server it starts (Debian's redis-server), then starts the GCS again.
+The load goes through the worker node's proxy, and no replica runs on the head. Every request sent before, during
+and after the outage is answered, and Serve's application is RUNNING after the restart."""
 
 from __future__ import annotations
 
@@ -27,5 +28,7 @@ def test_requests_keep_succeeding_while_the_gcs_is_down_and_serve_state_survives
     assert result["gcs_pid_killed"] > 0 and result["outage_s"] >= 8
     for phase in ("before", "during", "after"):
         assert result[phase]["failed"] == [] and result[phase]["answered"] == result[phase]["sent"] > 0, result
-    assert result["during"]["sent"] >= 5  # the outage was served through, not waited out
+    assert result["during"]["sent"] >= 3  # the outage was served through, not waited out (one request at a time)
+    # the head holds only its proxy; the router and the Denoiser, and the proxy the client calls, are the worker's
+    assert result["actors_by_node"] == {"head": ["ProxyActor"], "worker": ["Denoiser-cpu", "Ingress", "ProxyActor"]}
     assert result["app_status_after"] == "RUNNING"

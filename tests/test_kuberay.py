@@ -272,3 +272,23 @@ def test_an_evicted_gpu_worker_drains_its_ray_node_first(manifest):
     assert env["POD_IP"]["valueFrom"] == {"fieldRef": {"fieldPath": "status.podIP"}}
     assert args.deadline_s > max(p["graceful_shutdown_timeout_s"] for p in pools.values())
     assert pod["terminationGracePeriodSeconds"] >= args.deadline_s + 30
+
+
+def test_no_replica_can_land_on_the_head(manifest):
+    """The head's restart must take no replica with it: it offers no CPU or GPU, every pool's Denoiser asks for
+    both, and the router (twice over) asks for a CPU through the serve config's override; a worker fits its
+    Denoiser and a router."""
+    from deploy.drain import ROUTER
+
+    cluster = manifest["spec"]["rayClusterConfig"]
+    serve = yaml.safe_load(manifest["spec"]["serveConfigV2"])
+    app = serve["applications"][0]
+    head = cluster["headGroupSpec"]["rayStartParams"]
+    assert head["num-cpus"] == "0" and head["num-gpus"] == "0"
+    (router,) = [d for d in app["deployments"] if d["name"] == ROUTER]
+    assert router["ray_actor_options"]["num_cpus"] > 0 and router["num_replicas"] >= 2
+    (worker,) = cluster["workerGroupSpecs"][0]["template"]["spec"]["containers"]
+    worker_cpus = float(worker["resources"]["limits"]["cpu"])
+    for pool in app["args"]["pools"].values():
+        assert pool["num_cpus"] > 0 and pool["num_gpus"] == 1
+        assert pool["num_cpus"] + router["ray_actor_options"]["num_cpus"] <= worker_cpus
