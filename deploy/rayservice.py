@@ -156,6 +156,9 @@ def serve_config_errors(text: str) -> list[str]:
 # off, which no schema says: a field needing another gate is an error here.
 FEATURE_GATES = {"RayClusterNetworkPolicy"}
 TOKEN_AUTH_MIN_RAY = (2, 52)
+# Fields the CRD still accepts but KubeRay no longer reads (`Deprecated:` in v1.7.0's rayservice_types.go; the
+# generated CRD carries no description for them): setting one would look like a decision and be none.
+IGNORED_FIELDS = ("serviceUnhealthySecondThreshold", "deploymentUnhealthySecondThreshold")
 
 
 def kuberay_errors(doc: dict) -> list[str]:
@@ -172,6 +175,8 @@ def kuberay_errors(doc: dict) -> list[str]:
         f"rayClusterConfig: needs KubeRay's {gate} feature gate; the operator is set up with {set_up}"
         for gate in missing
     ]
+    errors += [f"spec.{field}: ignored by KubeRay since 1.1 (deprecated); remove it" for field in IGNORED_FIELDS
+               if field in doc["spec"]]  # fmt: skip
     if cluster.get("authOptions", {}).get("mode") == "token":
         version = tuple(int(x) for x in str(cluster.get("rayVersion", "0")).split(".")[:2])
         if version < TOKEN_AUTH_MIN_RAY:

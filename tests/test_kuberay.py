@@ -114,15 +114,26 @@ def test_the_control_plane_is_closed_and_the_head_may_fail(manifest):
     """What a platform team asks of the manifest before it runs: token auth with a Secret (no token in the file),
     Redis-backed GCS fault tolerance with its password from a Secret, the head out of the serve Service, the
     network policy admitting only the serve ports (from the ingress namespace) and metrics (from monitoring),
-    non-root containers with read-only root filesystems and limits on every one, thresholds set on purpose."""
+    non-root containers with read-only root filesystems and limits on every one, health watched where it acts."""
     spec = manifest["spec"]
     cluster = spec["rayClusterConfig"]
     assert cluster["authOptions"] == {"mode": "token"}  # the Secret is KubeRay's (or secretName), never a literal
     gcs = cluster["gcsFaultToleranceOptions"]
     assert gcs["redisAddress"] and "secretKeyRef" in gcs["redisPassword"]["valueFrom"]
     assert spec["excludeHeadPodFromServeSvc"] is True
-    assert spec["serviceUnhealthySecondThreshold"] >= 600 and spec["deploymentUnhealthySecondThreshold"] >= 600
+    # KubeRay 1.7 ignores the unhealthy thresholds: left out, and check refuses them (Serve's health checks act)
+    assert "serviceUnhealthySecondThreshold" not in spec and "deploymentUnhealthySecondThreshold" not in spec
+    ignored = copy.deepcopy(manifest)
+    ignored["spec"]["serviceUnhealthySecondThreshold"] = 900
+    assert schema_errors(ignored) == [] and any("ignored by KubeRay" in e for e in kuberay_errors(ignored))
+    pools = yaml.safe_load(spec["serveConfigV2"])["applications"][0]["args"]["pools"].values()
+    assert all(p["health_check_period_s"] and p["health_check_timeout_s"] >= 60 for p in pools)
     assert spec["upgradeStrategy"]["type"] in ("NewCluster", "NewClusterWithIncrementalUpgrade")
+    drains = [
+        p["graceful_shutdown_timeout_s"]
+        for p in yaml.safe_load(spec["serveConfigV2"])["applications"][0]["args"]["pools"].values()
+    ]
+    assert spec["rayClusterDeletionDelaySeconds"] > max(drains)  # the old cluster finishes its streams first
     assert "tlsOptions" not in cluster  # KubeRay 1.7 refuses any tlsOptions (even disabled) without its mTLS gate
     policy = cluster["networkPolicy"]
     assert policy["mode"] in ("DenyAll", "DenyAllIngress")
