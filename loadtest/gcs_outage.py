@@ -24,10 +24,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import signal
 import subprocess
-import tempfile
 import threading
 import time
 
@@ -35,6 +33,7 @@ import httpx
 import yaml
 
 from deploy.drain import ROUTER
+from loadtest.local_cluster import local_cluster, wait_ready
 from loadtest.serve_run import ROOT, free_port
 
 
@@ -76,97 +75,80 @@ def main(argv: list[str] | None = None) -> dict:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    ray_dir = os.environ["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="ray", dir="/tmp")
     os.environ["RAY_REDIS_ADDRESS"] = f"127.0.0.1:{redis_port}"  # what KubeRay sets from gcsFaultToleranceOptions
     os.environ["RAY_SERVE_WORKER_PROXY_HTTP_PORT"] = str(worker_http)  # the head's proxy keeps head_http
-    import ray
-    from ray import serve
-    from ray._private import ray_constants
-    from ray.cluster_utils import Cluster
-
-    head_args = {"num_cpus": 0, "gcs_server_port": free_port(), "include_dashboard": True,
-                 "dashboard_host": "127.0.0.1", "dashboard_port": free_port()}  # fmt: skip
-    cluster = Cluster(initialize_head=True, head_node_args=head_args)
     result: dict = {}
     try:
-        cluster.add_node(num_cpus=2)
-        ray.init(address=cluster.address, logging_level="ERROR", log_to_driver=False)
-        config = deploy_config(head_http)
-        name = config["applications"][0]["name"]
-        dashboard = f"http://{cluster.webui_url}"
-        httpx.put(f"{dashboard}/api/serve/applications/", json=config, timeout=60).raise_for_status()
-        url = f"http://127.0.0.1:{worker_http}"  # the worker node's proxy
-        deadline = time.time() + 240
-        while True:
-            try:
-                if httpx.get(f"{url}/ready", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.time() > deadline:
-                raise RuntimeError("the application did not become ready through the worker's proxy")
-            time.sleep(1)
-        where = placement(cluster.address, cluster.head_node.node_id)
-        sent: list[tuple[float, str, float]] = []  # (time, outcome, seconds it took)
-        stop = threading.Event()
-
-        def load() -> None:
-            body = {"text": "reverse: a b c", "tier": "fast", "seed": 0}
-            with httpx.Client(timeout=30) as client:
-                while not stop.is_set():
-                    at = time.time()
-                    try:
-                        r = client.post(f"{url}/v1/generate", json=body)
-                        ok = r.status_code == 200 and r.json()["text"].split() == ["c", "b", "a"]
-                        sent.append((at, "answered" if ok else f"http {r.status_code}", time.time() - at))
-                    except httpx.HTTPError as exc:
-                        sent.append((at, type(exc).__name__, time.time() - at))
-                    stop.wait(max(0.0, 1 / args.rate - (time.time() - at)))
-
-        client = threading.Thread(target=load)
-        client.start()
-        time.sleep(args.before_s)
-        head = cluster.head_node
-        (gcs,) = head.all_processes[ray_constants.PROCESS_TYPE_GCS_SERVER]
-        killed_at = time.time()
-        os.kill(gcs.process.pid, signal.SIGKILL)
-        head.kill_gcs_server(check_alive=False)  # Ray's bookkeeping of a process now dead
-        time.sleep(args.outage_s)
-        restarted_at = time.time()
-        head.start_gcs_server()
-        time.sleep(args.after_s)
-        status = serve.status().applications[name].status
-        stop.set()
-        client.join()
-
-        def window(lo: float, hi: float) -> dict:
-            rows = [(o, took) for t, o, took in sent if lo <= t < hi]
-            failed = [o for o, _ in rows if o != "answered"]
-            slowest = max((took for _, took in rows), default=0.0)
-            return {"sent": len(rows), "answered": len(rows) - len(failed), "failed": failed[:10],
-                    "slowest_s": round(slowest, 2)}  # fmt: skip
-
-        result = {
-            "gcs_pid_killed": gcs.process.pid,
-            "proxy": url,
-            "actors_by_node": where,
-            "outage_s": round(restarted_at - killed_at, 1),
-            "before": window(0, killed_at),
-            "during": window(killed_at, restarted_at),
-            "after": window(restarted_at, float("inf")),
-            "app_status_after": str(status.value if hasattr(status, "value") else status),
-        }
+        with local_cluster([{"num_cpus": 2}]) as cluster:
+            result = outage(cluster, args, head_http, worker_http)
     finally:
-        try:
-            serve.shutdown()
-        finally:
-            ray.shutdown()
-            cluster.shutdown()
-            redis.terminate()
-            redis.wait(timeout=30)
-            shutil.rmtree(ray_dir, ignore_errors=True)
+        redis.terminate()
+        redis.wait(timeout=30)
     print(json.dumps(result))
     return result
+
+
+def outage(cluster, args: argparse.Namespace, head_http: int, worker_http: int) -> dict:
+    """Load through the worker's proxy; the GCS killed, left dead for --outage-s, started again: the result."""
+    from ray import serve
+    from ray._private import ray_constants
+
+    config = deploy_config(head_http)
+    name = config["applications"][0]["name"]
+    dashboard = f"http://{cluster.webui_url}"
+    httpx.put(f"{dashboard}/api/serve/applications/", json=config, timeout=60).raise_for_status()
+    url = f"http://127.0.0.1:{worker_http}"  # the worker node's proxy
+    wait_ready(url)
+    where = placement(cluster.address, cluster.head_node.node_id)
+    sent: list[tuple[float, str, float]] = []  # (time, outcome, seconds it took)
+    stop = threading.Event()
+
+    def load() -> None:
+        body = {"text": "reverse: a b c", "tier": "fast", "seed": 0}
+        with httpx.Client(timeout=30) as client:
+            while not stop.is_set():
+                at = time.time()
+                try:
+                    r = client.post(f"{url}/v1/generate", json=body)
+                    ok = r.status_code == 200 and r.json()["text"].split() == ["c", "b", "a"]
+                    sent.append((at, "answered" if ok else f"http {r.status_code}", time.time() - at))
+                except httpx.HTTPError as exc:
+                    sent.append((at, type(exc).__name__, time.time() - at))
+                stop.wait(max(0.0, 1 / args.rate - (time.time() - at)))
+
+    client = threading.Thread(target=load)
+    client.start()
+    time.sleep(args.before_s)
+    head = cluster.head_node
+    (gcs,) = head.all_processes[ray_constants.PROCESS_TYPE_GCS_SERVER]
+    killed_at = time.time()
+    os.kill(gcs.process.pid, signal.SIGKILL)
+    head.kill_gcs_server(check_alive=False)  # Ray's bookkeeping of a process now dead
+    time.sleep(args.outage_s)
+    restarted_at = time.time()
+    head.start_gcs_server()
+    time.sleep(args.after_s)
+    status = serve.status().applications[name].status
+    stop.set()
+    client.join()
+
+    def window(lo: float, hi: float) -> dict:
+        rows = [(o, took) for t, o, took in sent if lo <= t < hi]
+        failed = [o for o, _ in rows if o != "answered"]
+        slowest = max((took for _, took in rows), default=0.0)
+        return {"sent": len(rows), "answered": len(rows) - len(failed), "failed": failed[:10],
+                "slowest_s": round(slowest, 2)}  # fmt: skip
+
+    return {
+        "gcs_pid_killed": gcs.process.pid,
+        "proxy": url,
+        "actors_by_node": where,
+        "outage_s": round(restarted_at - killed_at, 1),
+        "before": window(0, killed_at),
+        "during": window(killed_at, restarted_at),
+        "after": window(restarted_at, float("inf")),
+        "app_status_after": str(status.value if hasattr(status, "value") else status),
+    }
 
 
 if __name__ == "__main__":

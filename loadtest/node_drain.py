@@ -23,10 +23,8 @@ import argparse
 import asyncio
 import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections import Counter
@@ -34,6 +32,7 @@ from collections import Counter
 import httpx
 import yaml
 
+from loadtest.local_cluster import local_cluster
 from loadtest.reliability import DEADLINE_S, http_stream, http_unary
 from loadtest.serve_run import ROOT, free_port
 
@@ -76,24 +75,16 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--no-drain", action="store_true", help="the control: kill the node without draining it first")
     args = ap.parse_args(argv)
 
-    # the cluster's files (and the address file cluster_utils writes) stay in a folder of their own
-    ray_dir = os.environ["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="ray", dir="/tmp")
-    import ray
     from ray import serve
-    from ray.cluster_utils import Cluster
 
     from serving.app import build
 
     http_port = free_port()
-    head = {"num_cpus": 0, "gcs_server_port": free_port(), "include_dashboard": True, "dashboard_host": "127.0.0.1",
-            "dashboard_port": free_port()}  # fmt: skip
-    cluster = Cluster(initialize_head=True, head_node_args=head)
+    # each worker node at an address of its own, as pods have: the hook finds its node by that IP
+    workers = [{"num_cpus": 2, "node_ip_address": f"127.0.0.{i}"} for i in (2, 3)]
     result: dict = {}
-    try:
-        # each worker node at an address of its own, as pods have: the hook finds its node by that IP
-        added = [cluster.add_node(num_cpus=2, node_ip_address=f"127.0.0.{i}") for i in (2, 3)]
-        nodes = {node.node_id: node for node in added}
-        ray.init(address=cluster.address, logging_level="ERROR", log_to_driver=False)
+    with local_cluster(workers) as cluster:
+        nodes = {node.node_id: node for node in cluster.worker_nodes}
         serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": http_port})
         config = yaml.safe_load((ROOT / "deploy" / "config.yaml").read_text())["applications"][0]
         config["args"]["pools"]["cpu"].update(threads=1)  # two replicas share 2 cores while the replica moves
@@ -147,13 +138,6 @@ def main(argv: list[str] | None = None) -> dict:
             "replica_nodes_after": after_nodes,
             "drained_node": victim,
         }
-    finally:
-        try:
-            serve.shutdown()
-        finally:
-            ray.shutdown()
-            cluster.shutdown()
-            shutil.rmtree(ray_dir, ignore_errors=True)
     print(json.dumps(result))
     return result
 
