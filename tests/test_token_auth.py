@@ -24,7 +24,10 @@ from protos.diffusiongemma.v1 import diffusion_pb2_grpc as pb_grpc
 pytestmark = pytest.mark.slow
 
 
-def test_token_mode_closes_the_control_plane_and_serves_both_protocols(tmp_path):
+def test_token_mode_closes_the_control_plane_and_serves_both_protocols(tmp_path, served):
+    # Ray's dashboard agent listens on 52365 unless told otherwise, and `serve run` cannot tell it: the suite's
+    # shared cluster must not hold that port while this one starts, or the agent reports port -1
+    served.stop()
     token = secrets.token_hex(32)
     token_file = tmp_path / "auth_token"
     token_file.write_text(token)
@@ -57,8 +60,9 @@ def test_token_mode_closes_the_control_plane_and_serves_both_protocols(tmp_path)
         # the dashboard agent) answers without one, and says the raylet and the GCS are alive
         cluster = yaml.safe_load(MANIFEST.read_text())["spec"]["rayClusterConfig"]
         liveness = cluster["headGroupSpec"]["template"]["spec"]["containers"][0]["livenessProbe"]["httpGet"]
-        alive = httpx.get(f"http://127.0.0.1:{app.session_port('dashboard_agent_listen')}{liveness['path']}",
-                          timeout=30)  # fmt: skip
+        agent_port = app.session_port("dashboard_agent_listen")
+        assert agent_port > 0, "the dashboard agent could not bind its port (another Ray cluster holds 52365?)"
+        alive = httpx.get(f"http://127.0.0.1:{agent_port}{liveness['path']}", timeout=30)
         assert alive.status_code == 200 and "raylet: success" in alive.text and "gcs: success" in alive.text
 
         # the project's Ray clients, given the token by the environment as the README says
