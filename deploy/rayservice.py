@@ -167,8 +167,7 @@ def kuberay_errors(doc: dict) -> list[str]:
         "RayClusterNetworkPolicy": "networkPolicy" in cluster,
         "RayClusterMTLS": "tlsOptions" in cluster,  # any tlsOptions, `enabled: false` included
         "GCSFaultToleranceEmbeddedStorage": cluster.get("gcsFaultToleranceOptions", {}).get("backend") == "rocksdb",
-        "RayServiceIncrementalUpgrade": False,  # beta, on by default
-    }
+    }  # (RayServiceIncrementalUpgrade, for NewClusterWithIncrementalUpgrade, is beta and on by default)
     set_up = ", ".join(sorted(FEATURE_GATES))
     missing = [gate for gate, used in gated.items() if used and gate not in FEATURE_GATES]
     errors = [
@@ -213,7 +212,8 @@ def build_metadata_ref(metadata: dict) -> str:
 
 def pinned(manifest: str, ref: str) -> str:
     """The manifest text with every container's `image:` set to `ref` (comments and layout kept)."""
-    return IMAGE_LINE.sub(lambda m: f"{m['key']}{digest_ref(ref)}{m['rest']}", manifest)
+    ref = digest_ref(ref)
+    return IMAGE_LINE.sub(lambda m: f"{m['key']}{ref}{m['rest']}", manifest)
 
 
 def containers(doc: dict) -> list[tuple[str, dict]]:
