@@ -7,12 +7,14 @@ When Kubernetes evicts a GPU worker (a node drain, within the disruption budget)
 and the Ray node dies with whatever its replicas hold. Run first, this tells Ray's GCS that the node is being
 preempted, with a deadline (`ray drain-node`, the call Ray's own autoscaler makes). Serve then migrates the
 node's replicas: it starts each replacement on another node and stops the old replica only once the
-replacement runs (or at the deadline), gracefully, so the answers it holds finish. This waits until no Serve
-replica is left alive on the node, or the deadline passes, and exits; then the kubelet stops the container.
+replacement runs (or at the deadline), gracefully, so the answers it holds finish; the node's Serve proxy stops
+taking requests, relays those it holds (at least 30 s, Serve's minimum draining period) and is removed. This waits
+until no Serve replica or proxy is left alive on the node, or the deadline passes, and exits; then the kubelet
+stops the container.
 
 Without a spare GPU the replacement stays pending (until Ray's autoscaler adds a pod) while the old replica keeps
 serving to the deadline. The pod's terminationGracePeriodSeconds must exceed the deadline.
-The last line printed is a JSON object: node_id, drained (no replica left), waited_s, replicas_left.
+The last line printed is a JSON object: node_id, drained (no Serve actor left), waited_s, serve_actors_left.
 """
 
 from __future__ import annotations
@@ -24,7 +26,9 @@ import subprocess
 import sys
 import time
 
-SERVE_REPLICA = "ServeReplica:"  # the class name prefix of Serve's replica actors in Ray's state API
+# Serve's actors that hold requests, by class name in Ray's state API: replicas, and the node's proxy, which Serve
+# drains once the node is draining (it relays what it holds, takes nothing new, and is removed when done)
+SERVE_ACTORS = ("ServeReplica:", "ProxyActor")
 
 
 def node_at(address: str, ip: str) -> str:
@@ -37,13 +41,13 @@ def node_at(address: str, ip: str) -> str:
     return nodes[0].node_id
 
 
-def replicas_on(address: str, node_id: str) -> list[str]:
-    """The names of the Serve replica actors alive on the node."""
+def serve_actors_on(address: str, node_id: str) -> list[str]:
+    """The class names of Serve's replicas and proxy alive on the node."""
     from ray.util.state import list_actors
 
     filters = [("node_id", "=", node_id), ("state", "=", "ALIVE")]
     actors = list_actors(address=address, filters=filters, limit=1000, raise_on_missing_output=False)
-    return sorted(a.class_name for a in actors if a.class_name.startswith(SERVE_REPLICA))
+    return sorted(a.class_name for a in actors if a.class_name.startswith(SERVE_ACTORS))
 
 
 def drain(address: str, node_id: str, deadline_s: float, poll_s: float = 1.0) -> dict:
@@ -54,12 +58,12 @@ def drain(address: str, node_id: str, deadline_s: float, poll_s: float = 1.0) ->
          "--deadline-remaining-seconds", str(int(deadline_s))],
         check=True, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
-    left = replicas_on(address, node_id)
+    left = serve_actors_on(address, node_id)
     while left and time.monotonic() - started < deadline_s:
         time.sleep(poll_s)
-        left = replicas_on(address, node_id)
+        left = serve_actors_on(address, node_id)
     return {"node_id": node_id, "drained": not left, "waited_s": round(time.monotonic() - started, 1),
-            "replicas_left": left}  # fmt: skip
+            "serve_actors_left": left}  # fmt: skip
 
 
 def parser() -> argparse.ArgumentParser:

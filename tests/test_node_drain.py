@@ -18,6 +18,6 @@ def test_a_drained_node_hands_its_replica_over_without_losing_a_request():
     assert outcomes == {"answered"}, result
     # clients were busy throughout: six requests in flight on the one Denoiser replica when the drain began
     assert all(sum(window.values()) > 0 for window in windows), result
-    assert result["drain"]["drained"] and result["drain"]["replicas_left"] == [], result
+    assert result["drain"]["drained"] and result["drain"]["serve_actors_left"] == [], result
     assert result["drain"]["node_id"] == result["drained_node"] == result["replica_nodes_before"][0]
     assert len(result["replica_nodes_after"]) == 1 and result["drained_node"] not in result["replica_nodes_after"]
