@@ -37,6 +37,7 @@ def test_a_denoiser_replica_killed_mid_load_loses_nothing_and_recovers(served):
         assert time.monotonic() < deadline, "the pool's second replica did not start"
         time.sleep(1)
     assert app.replica_pids("Denoiser-cpu") == before  # Ray's state API sees the same two processes
+    routed_to_both(app, before)
 
     killed_at = []
 
@@ -59,7 +60,7 @@ def test_a_denoiser_replica_killed_mid_load_loses_nothing_and_recovers(served):
 
     assert asyncio.run(after()) == [200] * 6
     resent = 0
-    for _ in range(20):  # the router's warnings reach the serve run's log through Ray's log monitor, later
+    for _ in range(40):  # the router's warnings reach the serve run's log through Ray's log monitor, later
         log = app.log.read_text()
         resent = log.count("sending it again") + log.count("retrying once")
         if resent or outcomes.count("error:retryable"):
@@ -69,6 +70,26 @@ def test_a_denoiser_replica_killed_mid_load_loses_nothing_and_recovers(served):
     print(f"outcomes: {outcomes.count('answered')} complete ({resent} of them sent again, unseen), "
           f"{retryable} retryable errors; recovery {recovered_s:.1f} s")  # fmt: skip
     assert retryable + resent >= 1, "the killed replica held none of the requests: nothing proved"
+
+
+def routed_to_both(app: App, pids: list[int], timeout_s: float = 90) -> None:
+    """Until the router has sent requests to every replica in `pids` (each replica's request log names its PID):
+    Serve reports a replica RUNNING before every router has it in its set, and a killed replica that held no
+    request would prove nothing."""
+    deadline = time.monotonic() + timeout_s
+
+    async def burst() -> None:
+        async with httpx.AsyncClient(base_url=app.http, timeout=60) as client:
+            body = {"text": "reverse: a b c", "tier": "fast"}
+            await asyncio.gather(*(client.post("/v1/generate", json=body) for _ in range(6)))
+
+    while True:
+        asyncio.run(burst())
+        calls = [line for line in app.log.read_text().splitlines() if "-- CALL " in line]
+        if all(any(f"Denoiser-cpu pid={pid})" in line for line in calls) for pid in pids):
+            return
+        assert time.monotonic() < deadline, f"the router did not send requests to all of {pids}"
+        time.sleep(1)
 
 
 async def probe(http: str, stop: asyncio.Event) -> list[str]:
