@@ -29,7 +29,9 @@ def test_the_gpu_script_runs_every_part_and_writes_its_files(tmp_path):
     for name, r in ours.items():
         assert "error" not in r, r
         assert r["batch1_tokens_per_s"] > 0 and r["batch1_forward_ms"] > 0 and r["first_draft_ms"] > 0
-        assert r["first_canvas_ms"] >= r["first_draft_ms"]
+        # both are written; their order is a timing (two separate medians, one forward apart on a tiny model)
+        # and belongs to the benchmark's JSON, not to a test: CI once saw 10.2 against 10.24 ms
+        assert r["first_canvas_ms"] > 0
         assert ("batch2_tokens_per_s" in r) == name.endswith("eager")  # compiled: only the batches asked for
     (logits,) = [r for r in rows if r["check"] == "logits"]
     assert logits["weights"] == "fp8" and 0 < logits["logits_rel_err_vs_dense"] < 0.5
