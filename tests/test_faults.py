@@ -52,13 +52,7 @@ def test_a_denoiser_replica_killed_mid_load_loses_nothing_and_recovers(served):
     # recovery: Serve starts a replacement; the pool answers with two replicas again
     recovered_s = recovered_after(app, "Denoiser-cpu", before[0], 2, killed_at[0])
 
-    async def after() -> list[int]:
-        async with httpx.AsyncClient(base_url=app.http, timeout=60) as client:
-            body = {"text": "reverse: a b c", "tier": "fast", "seed": 0}
-            replies = await asyncio.gather(*(client.post("/v1/generate", json=body) for _ in range(6)))
-            return [r.status_code for r in replies]
-
-    assert asyncio.run(after()) == [200] * 6
+    assert asyncio.run(burst(app)) == [200] * 6
     resent = 0
     for _ in range(40):  # the router's warnings reach the serve run's log through Ray's log monitor, later
         log = app.log.read_text()
@@ -72,19 +66,22 @@ def test_a_denoiser_replica_killed_mid_load_loses_nothing_and_recovers(served):
     assert retryable + resent >= 1, "the killed replica held none of the requests: nothing proved"
 
 
+async def burst(app: App, n: int = 6) -> list[int]:
+    """`n` short fast-tier requests at once: their status codes."""
+    async with httpx.AsyncClient(base_url=app.http, timeout=60) as client:
+        body = {"text": "reverse: a b c", "tier": "fast", "seed": 0}
+        replies = await asyncio.gather(*(client.post("/v1/generate", json=body) for _ in range(n)))
+        return [r.status_code for r in replies]
+
+
 def routed_to_both(app: App, pids: list[int], timeout_s: float = 90) -> None:
     """Until the router has sent requests to every replica in `pids` (each replica's request log names its PID):
     Serve reports a replica RUNNING before every router has it in its set, and a killed replica that held no
     request would prove nothing."""
     deadline = time.monotonic() + timeout_s
 
-    async def burst() -> None:
-        async with httpx.AsyncClient(base_url=app.http, timeout=60) as client:
-            body = {"text": "reverse: a b c", "tier": "fast"}
-            await asyncio.gather(*(client.post("/v1/generate", json=body) for _ in range(6)))
-
     while True:
-        asyncio.run(burst())
+        asyncio.run(burst(app))
         calls = [line for line in app.log.read_text().splitlines() if "-- CALL " in line]
         if all(any(f"Denoiser-cpu pid={pid})" in line for line in calls) for pid in pids):
             return
