@@ -79,7 +79,7 @@ def weight_groups(net: Network) -> dict[str, int]:
     for lw in net.w.layers:
         for f in fields(LayerWeights):
             value = getattr(lw, f.name)
-            if value is not None and not isinstance(value, float):
+            if value is not None:
                 groups[GROUPS.get(f.name, "other")] += nbytes(value)
     for t in (net.w.final_norm, net.w.sc_gate_up, net.w.sc_down):
         groups["other"] += nbytes(t)

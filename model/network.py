@@ -94,7 +94,9 @@ class LayerWeights:
     expert_gate_up: Weight  # [E, 2M, H], pre-ff-2 scale folded in
     expert_down: Weight  # [E, H, M]
     per_expert_scale: torch.Tensor
-    layer_scalar: float
+    # 0-d fp32, a tensor and not a float: a compiled region shared by every layer of one shape would otherwise
+    # specialize on each layer's value and recompile per layer (they differ in every real checkpoint)
+    layer_scalar: torch.Tensor
     # Quantized weights (model/quant.py) keep the router in the dense dtype, out of ffn_in, which is then
     # [gate 2I, H] only: top-k choices are where a small logit error changes the answer.
     router: torch.Tensor | None = None
@@ -239,11 +241,16 @@ class Network:
         rope = {kind: self._rope(kind, pos, n) for kind in self.inv_freq}
         masks: dict[str, tuple] = {}
         regional = self.regions is not None and static and not causal
+        if regional and x.shape[0] > 1:  # every row count past one shares a region's graph (one row: its own)
+            for t in (x, pos.slots, *(t for pair in rope.values() for t in pair)):
+                torch._dynamo.mark_dynamic(t, 0)
         for i, lw in enumerate(self.w.layers):
             kind = c.layer_types[i]
             if kind not in masks:
                 masks[kind] = cache.attention_plan(i, pos, n, causal, static)
             if regional:  # one compiled region per layer shape, reused by every layer of that shape
+                if x.shape[0] > 1:
+                    torch._dynamo.mark_dynamic(masks[kind][1], 0)
                 cos, sin = rope[kind]
                 region = self.regions[self._shape_of(i)]
                 x = region(lw, x, cos, sin, masks[kind][1], pos.slots, cache.keys[i], cache.values[i])
@@ -259,8 +266,9 @@ class Network:
         """Compile the denoising pass layer by layer: one `torch.compile(fullgraph=True)` region per distinct
         layer shape (sliding or full, head size, KV heads), which every layer of that shape then calls with its
         own weights and cache. The released model's 30 layers are two shapes: two graphs to build instead of one
-        30-layer graph (which took over 200 s to compile on an H200). Weights and cache are arguments, not
-        constants of the graph, which is what lets the layers share it."""
+        30-layer graph (which took over 200 s to compile on an H200). Weights, the layer scalar and the cache are
+        tensor arguments, not constants of the graph, which is what lets the layers share it; the row count is
+        dynamic past one row (`_layers` marks it), so a region is two graphs whatever the row buckets."""
         self.regions = {}
         for shape in sorted({self._shape_of(i) for i in range(self.config.num_layers)}):
             sliding, hd, kvh = shape
@@ -268,7 +276,7 @@ class Network:
             def region(lw, x, cos, sin, mask, slots, ck, cv, sliding=sliding, hd=hd, kvh=kvh):
                 return self._denoise_layer(sliding, hd, kvh, lw, x, cos, sin, mask, slots, ck, cv)
 
-            self.regions[shape] = torch.compile(region, fullgraph=True, dynamic=False, backend=backend)
+            self.regions[shape] = torch.compile(region, fullgraph=True, backend=backend)
 
     def _denoise_layer(self, sliding: bool, hd: int, kvh: int, lw, x, cos, sin, mask, slots, ck, cv):
         """One layer of a static denoising pass, as a function of its shape and tensors alone (a compiled

@@ -192,7 +192,7 @@ def build_weights(
                 post_ff2=f32(p + "post_feedforward_layernorm_2.weight"),
                 post_ff=f32(p + "post_feedforward_layernorm.weight"),
                 per_expert_scale=f32(p + "router.per_expert_scale"),
-                layer_scalar=float(dec_scalar),
+                layer_scalar=dec_scalar.reshape(()),
                 **dense,
             )
         )
@@ -355,7 +355,7 @@ def random_network(
                 expert_gate_up=matrix(e, 2 * m, h),
                 expert_down=matrix(e, h, m),
                 per_expert_scale=ones(e),
-                layer_scalar=1.0,
+                layer_scalar=1 + 0.1 * torch.randn((), generator=gen, device=device),  # distinct per layer, as real
             )
         )
     built = NetworkWeights(

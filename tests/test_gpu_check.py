@@ -47,22 +47,25 @@ def test_the_gpu_script_runs_every_part_and_writes_its_files(tmp_path):
 
 
 def test_the_compiled_denoiser_traces_whole_and_gives_the_eager_tokens():
-    """Denoiser(compile=True) on a CPU: each layer shape one region traced whole (fullgraph: a graph break would
-    fail), shared by the layers of that shape, and the same tokens as the eager static path, across canvases and
-    rows at different steps."""
-    kinds = ["sliding_attention", "full_attention"] * 2  # four layers of two shapes
-    cfg = TextConfig.from_hf(preset("tiny", num_hidden_layers=4, layer_types=kinds))
+    """Denoiser(compile=True) on a CPU: each layer shape one region traced whole (fullgraph: a graph break or a
+    recompile past the limit would fail), shared by the layers of that shape although each has its own layer
+    scalar, with the row count dynamic past one row, and the same tokens as the eager static path, across canvases
+    and rows at different steps."""
+    kinds = ["sliding_attention", "full_attention"] * 5  # ten layers of two shapes: past Dynamo's recompile limit
+    cfg = TextConfig.from_hf(preset("tiny", num_hidden_layers=10, layer_types=kinds))
     net = random_network(cfg, dtype=torch.bfloat16, seed=3, compute_mode="native")  # the GPU's dtype (grouped GEMM)
+    assert len({float(lw.layer_scalar) for lw in net.w.layers}) == cfg.num_layers  # as in a real checkpoint
     C = cfg.canvas_length
-    reqs = [Request([2, 5, 6, 7], 2 * C, SamplerSettings(max_denoising_steps=3), seed=1),
-            Request([2, 9], C, SamplerSettings(max_denoising_steps=2), seed=2)]  # fmt: skip
+    reqs = [Request([2, 5, 6, 7], 2 * C, SamplerSettings(max_denoising_steps=4), seed=1),
+            Request([2, 9], C, SamplerSettings(max_denoising_steps=3), seed=2),
+            Request([2, 9, 4, 4, 4], C, SamplerSettings(max_denoising_steps=2), seed=3)]  # fmt: skip
     torch._dynamo.reset()
     counters = torch._dynamo.utils.counters
     counters.clear()
-    compiled = Denoiser(net, slots=2, max_context=64, eos_token_ids=(), compile=True, compile_backend="aot_eager")
-    eager = Denoiser(net, slots=2, max_context=64, eos_token_ids=(), static_shapes=True)  # grouped experts too
+    compiled = Denoiser(net, slots=3, max_context=64, eos_token_ids=(), compile=True, compile_backend="aot_eager")
+    eager = Denoiser(net, slots=3, max_context=64, eos_token_ids=(), static_shapes=True)  # grouped experts too
     assert [g.tokens for g in compiled.generate(reqs)] == [g.tokens for g in eager.generate(reqs)]
-    # one graph per layer shape and row count (rows: 2, then 1 once the shorter request ends), whatever the depth
+    # per layer shape: one graph for every row count past one (rows 3 and 2 here) and one for a single row
     shapes = {(cfg.is_sliding(i), cfg.head_dims[i], cfg.kv_heads[i]) for i in range(cfg.num_layers)}
     assert cfg.num_layers > len(shapes) == 2
     assert counters["stats"]["unique_graphs"] == 2 * len(shapes)
