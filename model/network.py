@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from model.config import FULL, SLIDING, TextConfig
+from model.kernels import moe, resolve
 from model.kv_cache import KVCache, denoise_attention
 from model.quant import Weight, expert_linear, grouped_linear, linear
 
@@ -133,6 +134,7 @@ class Network:
         weights: NetworkWeights,
         weight_dtype: torch.dtype | None = None,
         use_grouped_mm: bool | None = None,
+        kernels: str = "auto",
     ):
         self.config = config
         self.w = weights
@@ -153,6 +155,7 @@ class Network:
         if use_grouped_mm is None:  # one grouped GEMM for all experts where torch has a fast kernel for it
             use_grouped_mm = self.device.type == "cuda" and self.dtype == torch.bfloat16
         self.use_grouped_mm = use_grouped_mm
+        self.kernels = resolve(kernels, self.device)  # "triton": model/kernels/ (CUDA); "torch": the code here
         self.regions: dict[tuple[bool, int, int], object] | None = None  # compile_regions: the compiled layers
 
     # ---------------------------------------------------------------- the three forward kinds
@@ -337,6 +340,8 @@ class Network:
         probs = torch.softmax(router_logits.float(), dim=-1)
         weights, experts = torch.topk(probs, c.top_k_experts, dim=-1)
         weights = weights / weights.sum(-1, keepdim=True) * lw.per_expert_scale.float()[experts]
+        if self.kernels == "triton":
+            return moe.fused_experts(z, experts, weights, lw.expert_gate_up, lw.expert_down)
         flat = experts.reshape(-1)
         order = torch.argsort(flat, stable=True)
         token = order // c.top_k_experts

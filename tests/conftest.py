@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 from dataclasses import dataclass
@@ -17,6 +18,9 @@ from pathlib import Path
 
 import pytest
 import torch
+
+if not torch.cuda.is_available():  # Triton kernels run in its interpreter here; set before triton is imported
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 from transformers import DiffusionGemmaForBlockDiffusion
 
 from model.presets import hf_generation_config, preset, random_hf_model, write_word_tokenizer

@@ -1,0 +1,154 @@
+"""Triton kernels against their torch references, in Triton's interpreter on this CPU (conftest sets
+TRITON_INTERPRET=1 where there is no GPU): small shapes with empty experts, uneven groups, tails in every
+dimension, every weight format. The kernels must give the reference's values to rounding of the sum order, in
+fp32 and in bf16 (they round to bf16 where the reference does)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from model.config import SamplerSettings, TextConfig
+from model.denoiser import Denoiser, Request
+from model.kernels import resolve
+from model.kernels.moe import Tiles, align, fused_experts, reference, run, tiles_for
+from model.kv_cache import KVCache
+from model.presets import preset
+from model.quant import quantize
+from model.weights import random_network
+
+pytest.importorskip("triton")
+
+
+def routing(tokens: int, experts: int, k: int, seed: int, skip: tuple[int, ...] = ()) -> tuple:
+    """(top-k routing weights [T, k], experts [T, k]) with the experts in `skip` never chosen and the rest
+    chosen unevenly (a skewed router)."""
+    gen = torch.Generator().manual_seed(seed)
+    logits = torch.randn(tokens, experts, generator=gen) + torch.linspace(0, 3, experts)
+    logits[:, list(skip)] = -torch.inf
+    weights, chosen = torch.softmax(logits, -1).topk(k, -1)
+    return weights / weights.sum(-1, keepdim=True), chosen
+
+
+def test_align_puts_every_pair_in_one_block_of_its_expert():
+    _, chosen = routing(37, 7, 3, seed=1, skip=(2, 5))
+    blocks = align(chosen, 7, block_m=16)
+    p = chosen.numel()
+    rows = -(-(p + 7 * 15) // 16) * 16
+    assert blocks.pairs.shape == (rows,) and blocks.expert.shape == (rows // 16,)  # fixed by T, k, E alone
+    real = blocks.pairs[blocks.pairs < p].long()
+    assert sorted(real.tolist()) == list(range(p))  # each pair once
+    flat = chosen.reshape(-1)
+    for b, e in enumerate(blocks.expert.tolist()):
+        in_block = blocks.pairs[b * 16 : (b + 1) * 16]
+        mine = in_block[in_block < p].long()
+        if e < 0:
+            assert mine.numel() == 0  # past the last block: nothing
+        else:
+            assert mine.numel() > 0 and (flat[mine] == e).all()  # one expert's pairs, never an empty block
+    used = set(blocks.expert[blocks.expert >= 0].tolist())
+    assert used == set(flat.tolist()) and not used & {2, 5}
+    counts = torch.bincount(flat, minlength=7)
+    assert (blocks.expert >= 0).sum() == sum(-(-int(c) // 16) for c in counts)
+
+
+SHAPES = [  # tokens, hidden, moe intermediate, experts, top-k, tiles: tails in M rows, N and K
+    (20, 64, 32, 6, 2, Tiles(16, 16, 32)),
+    (9, 48, 48, 5, 3, Tiles(16, 32, 32)),  # N and K tails: 48 of 32-wide blocks (int4: K blocks of 16)
+    (33, 32, 16, 4, 2, Tiles(32, 16, 16)),
+]
+
+
+def case(shape: tuple, fmt: str, dtype: torch.dtype, seed: int, skip: tuple[int, ...] = ()) -> tuple:
+    """(z, experts, routing weights, gate_up, down) for one of SHAPES in one format and dtype."""
+    t, h, m, e, k, _ = shape
+    w, chosen = routing(t, e, k, seed=seed, skip=skip)
+    z = torch.randn(t, h, generator=torch.Generator().manual_seed(seed + 100)).to(dtype)
+    return (z, chosen, w, *weights_for(fmt, h, m, e, dtype, seed=seed + 200))
+
+
+def weights_for(fmt: str, hidden: int, inter: int, experts: int, dtype: torch.dtype, seed: int) -> tuple:
+    gen = torch.Generator().manual_seed(seed)
+    w1 = torch.randn(experts, 2 * inter, hidden, generator=gen) * hidden**-0.5
+    w2 = torch.randn(experts, hidden, inter, generator=gen) * inter**-0.5
+    return quantize(w1, fmt, dtype, group=16), quantize(w2, fmt, dtype, group=16)
+
+
+@pytest.mark.parametrize("fmt", ["dense", "fp8", "int4"])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_fused_experts_give_the_reference_in_fp32(fmt, shape):
+    args = case(shape, fmt, torch.float32, seed=shape[0], skip=(1,))
+    assert torch.allclose(run(*args, tiles=shape[-1]), reference(*args), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("fmt", ["dense", "fp8", "int4"])
+def test_fused_experts_round_where_the_reference_rounds_in_bf16(fmt):
+    args = case(SHAPES[0], fmt, torch.bfloat16, seed=3)
+    ours, ref = run(*args, tiles=SHAPES[0][-1]), reference(*args)
+    z, chosen, w, *_ = args
+    exact = reference(z.float(), chosen, w, *case(SHAPES[0], fmt, torch.float32, seed=3)[3:])
+    err, rounding = (ours - ref).abs().max(), (ref - exact).abs().max()
+    assert err < 0.05 * rounding  # the same roundings: far closer to the reference than bf16 is to fp32
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fp8_activations_quantize_per_row_as_the_reference_does(dtype):
+    args = case(SHAPES[1], "fp8", dtype, seed=5)
+    ours = run(*args, tiles=SHAPES[1][-1], fp8_activations=True)
+    assert torch.allclose(ours, reference(*args, fp8_activations=True), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="fp8 activations need fp8 weights"):
+        run(*case(SHAPES[1], "int4", dtype, seed=5), fp8_activations=True)
+
+
+@pytest.mark.parametrize("fmt", ["dense", "fp8", "int4"])
+def test_the_operator_traces_whole_under_torch_compile_and_gives_the_kernels_values(fmt):
+    args = case(SHAPES[2], fmt, torch.bfloat16, seed=6)
+    compiled = torch.compile(lambda *a: fused_experts(*a) * 2, fullgraph=True, backend="aot_eager")
+    expected = run(*args)  # the tiles the operator picks for these shapes
+    assert torch.equal(fused_experts(*args), expected)
+    assert torch.equal(compiled(*args), expected * 2)
+
+
+def test_tiles_grow_with_rows_per_expert_and_kernels_resolve_per_device():
+    one_canvas, sixteen = tiles_for(256 * 8, 128), tiles_for(16 * 256 * 8, 128)
+    assert one_canvas.block_m == 16 and sixteen.block_m == 128
+    assert resolve("auto", torch.device("cpu")) == "torch"  # the interpreter is for tests, not for serving
+    assert resolve("triton", torch.device("cpu")) == "triton"  # asked for: the interpreter runs it
+    with pytest.raises(ValueError, match="kernels must be one of"):
+        resolve("cuda", torch.device("cpu"))
+
+
+@pytest.mark.parametrize("fmt", ["dense", "fp8", "int4"])
+def test_the_network_with_kernels_gives_the_torch_paths_logits(fmt):
+    """Prefill and denoise of the tiny network, rows at different context lengths: the experts through the
+    Triton kernels or through the torch code give the same logits (fp32: the same values to rounding)."""
+    cfg = TextConfig.from_hf(preset("tiny"))
+    net = random_network(cfg, dtype=torch.float32, seed=4, weights=fmt)
+    gen = torch.Generator().manual_seed(1)
+    prompts = torch.randint(0, cfg.vocab_size, (2, 5), generator=gen)
+    canvas = torch.randint(0, cfg.vocab_size, (2, cfg.canvas_length), generator=gen)
+    logits = []
+    for kernels in ("torch", "triton"):
+        net.kernels = resolve(kernels, net.device)
+        cache = KVCache(cfg, 2, 64, "cpu", net.dtype)
+        net.prefill(cache, torch.tensor([0, 1]), prompts, torch.tensor([5, 3]))
+        logits.append(net.logits(net.denoise(cache, torch.tensor([0, 1]), canvas, None)))
+    assert torch.allclose(logits[0], logits[1], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow  # compiles two regions over two row counts: about 30 s
+def test_the_compiled_denoiser_runs_the_kernels_in_its_regions():
+    """The experts' operator inside the compiled regions (aot_eager, fullgraph, rows dynamic): the eager
+    kernels' tokens."""
+    cfg = TextConfig.from_hf(
+        preset("tiny", num_hidden_layers=4, layer_types=["sliding_attention", "full_attention"] * 2)
+    )
+    net = random_network(cfg, dtype=torch.bfloat16, seed=3, weights="int4", compute_mode="native")
+    net.kernels = resolve("triton", net.device)
+    C = cfg.canvas_length
+    reqs = [Request([2, 5, 6, 7], 2 * C, SamplerSettings(max_denoising_steps=3), seed=1),
+            Request([2, 9], C, SamplerSettings(max_denoising_steps=2), seed=2)]  # fmt: skip
+    torch._dynamo.reset()
+    compiled = Denoiser(net, slots=2, max_context=64, eos_token_ids=(), compile=True, compile_backend="aot_eager")
+    eager = Denoiser(net, slots=2, max_context=64, eos_token_ids=(), static_shapes=True)
+    assert [g.tokens for g in compiled.generate(reqs)] == [g.tokens for g in eager.generate(reqs)]
