@@ -58,7 +58,7 @@ class KVCache:
         device = pos.start.device
         start = pos.start
         if not causal:  # denoise: [cached context of the row | canvas], bidirectional
-            ctx = torch.clamp(start, max=self.ring) if sliding else start
+            ctx = self.visible(layer, start)
             if static:
                 n_ctx = self.ring if sliding else self.max_context
             else:
@@ -86,6 +86,11 @@ class KVCache:
         new_ok = (j[None, :] <= j[:, None]) & (j[:, None] - j[None, :] < self.window)
         mask = torch.cat([ring_ok, new_ok[None].expand(start.shape[0], n, n)], dim=-1)
         return n_ring, mask[:, None]
+
+    def visible(self, layer: int, start: torch.Tensor) -> torch.Tensor:
+        """Cached entries a canvas of each row sees, the first ones of its slot: a full layer's every token, a
+        sliding layer's ring (its first min(start, ring) entries are the valid ones)."""
+        return torch.clamp(start, max=self.ring) if self.config.is_sliding(layer) else start
 
     def attend(self, layer: int, q, k, v, plan: tuple, pos, causal: bool) -> torch.Tensor:
         """q [B, n, heads, d], k/v [B, n, kv_heads, d] of the new tokens; returns [B, n, heads*d]."""

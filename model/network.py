@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from model.config import FULL, SLIDING, TextConfig
-from model.kernels import moe, resolve
+from model.kernels import attention, moe, resolve
 from model.kv_cache import KVCache, denoise_attention
 from model.quant import Weight, expert_linear, grouped_linear, linear
 
@@ -249,8 +249,11 @@ class Network:
                 torch._dynamo.mark_dynamic(t, 0)
         for i, lw in enumerate(self.w.layers):
             kind = c.layer_types[i]
-            if kind not in masks:
-                masks[kind] = cache.attention_plan(i, pos, n, causal, static)
+            if kind not in masks:  # the kernel takes each row's visible cache entries instead of a mask
+                kernel = not causal and self._attention_kernel(c.head_dims[i])
+                masks[kind] = (
+                    (None, cache.visible(i, pos.start)) if kernel else cache.attention_plan(i, pos, n, causal, static)
+                )
             if regional:  # one compiled region per layer shape, reused by every layer of that shape
                 if x.shape[0] > 1:
                     torch._dynamo.mark_dynamic(masks[kind][1], 0)
@@ -285,13 +288,22 @@ class Network:
         """One layer of a static denoising pass, as a function of its shape and tensors alone (a compiled
         region): the cache is read over its whole capacity (ck.shape[1] entries) under the mask."""
         q, k, v = self._qkv(sliding, hd, kvh, lw, x, cos, sin)
-        attn = denoise_attention(ck, cv, q, k, v, ck.shape[1], mask, slots)
+        if self._attention_kernel(hd):  # `mask` is then each row's visible cache entries (KVCache.visible)
+            attn = attention.denoise(ck, cv, q, k, v, slots, mask)
+        else:
+            attn = denoise_attention(ck, cv, q, k, v, ck.shape[1], mask, slots)
         return self._after_attention(lw, x, attn)
+
+    def _attention_kernel(self, head_dim: int) -> bool:
+        return self.kernels == "triton" and attention.supports(head_dim)
 
     def _layer(self, i, lw: LayerWeights, x, rope, plan, pos: Positions, cache: KVCache, causal: bool):
         cos, sin = rope
         q, k, v = self._qkv(*self._shape_of(i), lw, x, cos, sin)
-        attn = cache.attend(i, q, k, v, plan, pos, causal)  # [B, n, heads*hd]
+        if not causal and self._attention_kernel(q.shape[-1]):
+            attn = attention.denoise(cache.keys[i], cache.values[i], q, k, v, pos.slots, plan[1])
+        else:
+            attn = cache.attend(i, q, k, v, plan, pos, causal)  # [B, n, heads*hd]
         return self._after_attention(lw, x, attn)
 
     def _qkv(self, sliding: bool, hd: int, kvh: int, lw: LayerWeights, x, cos, sin):

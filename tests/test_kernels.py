@@ -10,9 +10,9 @@ import torch
 
 from model.config import SamplerSettings, TextConfig
 from model.denoiser import Denoiser, Request
-from model.kernels import resolve
+from model.kernels import attention, resolve
 from model.kernels.moe import Tiles, align, fused_experts, reference, run, tiles_for
-from model.kv_cache import KVCache
+from model.kv_cache import KVCache, denoise_attention
 from model.presets import preset
 from model.quant import quantize
 from model.weights import random_network
@@ -120,26 +120,29 @@ def test_tiles_grow_with_rows_per_expert_and_kernels_resolve_per_device():
 
 @pytest.mark.parametrize("fmt", ["dense", "fp8", "int4"])
 def test_the_network_with_kernels_gives_the_torch_paths_logits(fmt):
-    """Prefill and denoise of the tiny network, rows at different context lengths: the experts through the
-    Triton kernels or through the torch code give the same logits (fp32: the same values to rounding)."""
-    cfg = TextConfig.from_hf(preset("tiny"))
+    """Prefill and denoise of a tiny network (heads of 16 and 32: the attention kernel's smallest tiles), rows in
+    scattered slots at different context lengths, one past the sliding window: the experts and the denoising
+    attention through the Triton kernels give the torch code's logits (fp32: the same values to rounding)."""
+    cfg = TextConfig.from_hf(preset("tiny", head_dim=16, global_head_dim=32))
     net = random_network(cfg, dtype=torch.float32, seed=4, weights=fmt)
     gen = torch.Generator().manual_seed(1)
-    prompts = torch.randint(0, cfg.vocab_size, (2, 5), generator=gen)
-    canvas = torch.randint(0, cfg.vocab_size, (2, cfg.canvas_length), generator=gen)
+    prompts = torch.randint(0, cfg.vocab_size, (3, 12), generator=gen)
+    canvas = torch.randint(0, cfg.vocab_size, (3, cfg.canvas_length), generator=gen)
+    slots, lengths = torch.tensor([0, 2, 1]), torch.tensor([12, 3, 9])
+    assert lengths.max() > cfg.sliding_window
     logits = []
     for kernels in ("torch", "triton"):
         net.kernels = resolve(kernels, net.device)
-        cache = KVCache(cfg, 2, 64, "cpu", net.dtype)
-        net.prefill(cache, torch.tensor([0, 1]), prompts, torch.tensor([5, 3]))
-        logits.append(net.logits(net.denoise(cache, torch.tensor([0, 1]), canvas, None)))
+        cache = KVCache(cfg, 3, 64, "cpu", net.dtype)
+        net.prefill(cache, slots, prompts, lengths)
+        logits.append(net.logits(net.denoise(cache, slots, canvas, None)))
     assert torch.allclose(logits[0], logits[1], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.slow  # compiles two regions over two row counts: about 30 s
 def test_the_compiled_denoiser_runs_the_kernels_in_its_regions():
-    """The experts' operator inside the compiled regions (aot_eager, fullgraph, rows dynamic): the eager
-    kernels' tokens."""
+    """The experts' and the attention's operators inside the compiled regions (aot_eager, fullgraph, rows
+    dynamic): the eager kernels' tokens."""
     cfg = TextConfig.from_hf(
         preset("tiny", num_hidden_layers=4, layer_types=["sliding_attention", "full_attention"] * 2)
     )
@@ -152,3 +155,42 @@ def test_the_compiled_denoiser_runs_the_kernels_in_its_regions():
     compiled = Denoiser(net, slots=2, max_context=64, eos_token_ids=(), compile=True, compile_backend="aot_eager")
     eager = Denoiser(net, slots=2, max_context=64, eos_token_ids=(), static_shapes=True)
     assert [g.tokens for g in compiled.generate(reqs)] == [g.tokens for g in eager.generate(reqs)]
+
+
+def attention_case(rows: int, n: int, heads: int, kv_heads: int, d: int, capacity: int, dtype, seed: int) -> tuple:
+    """(cache keys, cache values, q, k, v, slots, ctx): rows in scattered slots, each seeing a different number
+    of cached entries (none, some, all), entries past ctx holding garbage a kernel must not read."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen).to(dtype)
+
+    ck, cv = rand(rows + 2, capacity, kv_heads, d), rand(rows + 2, capacity, kv_heads, d)
+    slots = torch.randperm(rows + 2, generator=gen)[:rows]
+    ctx = torch.tensor([0, capacity, 5, 1, capacity - 3, 17][:rows]).clamp(max=capacity)
+    q, k, v = rand(rows, n, heads, d), rand(rows, n, kv_heads, d), rand(rows, n, kv_heads, d)
+    return ck, cv, q, k, v, slots, ctx
+
+
+def attention_reference(ck, cv, q, k, v, slots, ctx) -> torch.Tensor:
+    capacity, n = ck.shape[1], q.shape[1]
+    idx = torch.arange(capacity + n)
+    mask = (idx[None, :] < ctx[:, None]) | (idx[None, :] >= capacity)
+    return denoise_attention(
+        ck.float(), cv.float(), q.float(), k.float(), v.float(), capacity, mask[:, None, None], slots
+    )
+
+
+@pytest.mark.parametrize(
+    "shape",  # rows, canvas, heads, kv heads, head dim, cache capacity, blocks: tails of queries and keys
+    [(3, 24, 4, 2, 16, 40, (16, 16, 4)), (6, 8, 4, 1, 32, 20, (16, 16, 4)), (2, 40, 8, 8, 16, 7, (32, 16, 4))],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_denoise_attention_reads_the_cache_in_place_as_the_masked_reference_does(shape, dtype):
+    *dims, blocks = shape
+    args = attention_case(*dims, dtype=dtype, seed=dims[0])
+    ours = attention.denoise(*args, blocks=blocks)
+    ref = attention_reference(*args)
+    assert ours.dtype == dtype and ours.shape == ref.shape
+    tol = 1e-5 if dtype == torch.float32 else 8e-3  # bf16: the output's rounding (inputs are bf16 in both)
+    assert torch.allclose(ours.float(), ref, rtol=tol, atol=tol)

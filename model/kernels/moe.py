@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from model.kernels import interpreting
+from model.kernels.common import by_bits, mma_dtype, rounded, tl_dtype
 from model.quant import Fp8Weight, Int4Weight, Weight, quantize_rows_fp8, unpack_int4
 
 try:
@@ -136,16 +136,6 @@ if triton is not None:
         return x * tl.sigmoid(2.0 * inner)  # 0.5 * x * (1 + tanh(inner)), as tanh(u) = 2 * sigmoid(2u) - 1
 
     @triton.jit
-    def _rounded(x, T: tl.constexpr, BY_BITS: tl.constexpr):
-        """fp32 x rounded to dtype T's precision (to nearest, ties to even), still fp32. BY_BITS does it on the
-        bits, for bf16 under the interpreter, whose fp32 -> bf16 cast truncates."""
-        if BY_BITS:
-            bits = x.to(tl.uint32, bitcast=True)
-            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-            return bits.to(tl.float32, bitcast=True)
-        return x.to(T).to(tl.float32)
-
-    @triton.jit
     def _accumulate(acc, a, w_ptr, s_ptr, e, n, n_ok, k0, K, stride_we, stride_wn, stride_se, stride_sn,
                     FORMAT: tl.constexpr, GROUP: tl.constexpr, BK: tl.constexpr, MMA: tl.constexpr):  # fmt: skip
         """acc [BM, BN] += a [BM, BK] @ W[e, n, k0:k0+BK].T, W dequantized in registers (int4: with the
@@ -215,8 +205,8 @@ if triton is not None:
         gate = _finish(gate, a_scale_ptr, rows, s_ptr, e, j, j_ok, stride_se, stride_sn, FORMAT, A_SCALED)
         up = _finish(up, a_scale_ptr, rows, s_ptr, e, j + M, j_ok, stride_se, stride_sn, FORMAT, A_SCALED)
         out_t = out_ptr.dtype.element_ty
-        gate, up = _rounded(gate, out_t, BY_BITS), _rounded(up, out_t, BY_BITS)  # each GEMM's output dtype
-        inter = _rounded(_rounded(_gelu_tanh(gate), out_t, BY_BITS) * up, out_t, BY_BITS)
+        gate, up = rounded(gate, out_t, BY_BITS), rounded(up, out_t, BY_BITS)  # each GEMM's output dtype
+        inter = rounded(rounded(_gelu_tanh(gate), out_t, BY_BITS) * up, out_t, BY_BITS)
         tl.store(out_ptr + rows[:, None] * stride_out + j[None, :], inter.to(out_t), mask=j_ok[None, :])
 
     @triton.jit
@@ -238,7 +228,7 @@ if triton is not None:
                               FORMAT, GROUP, BK, MMA)  # fmt: skip
         acc = _finish(acc, a_scale_ptr, rows, s_ptr, e, n, n_ok, stride_se, stride_sn, FORMAT, A_SCALED)
         route = tl.load(route_ptr + pair, mask=ok, other=0.0)
-        y = _rounded(acc, ROUND_T, BY_BITS) * route[:, None]
+        y = rounded(acc, ROUND_T, BY_BITS) * route[:, None]
         tl.store(out_ptr + pair[:, None] * stride_out + n[None, :], y, mask=ok[:, None] & n_ok[None, :])
 
 
@@ -271,16 +261,6 @@ class _Operand:
         if k < 16:
             raise ValueError(f"int4 group {self.group} admits no K block of 16 or more (a dot needs 16)")
         return k
-
-
-def _mma_dtype(fp8_activations: bool):
-    if interpreting():  # no bf16 or fp8 arithmetic in the interpreter: fp32 on the same (exact) values
-        return tl.float32
-    return tl.float8e4nv if fp8_activations else tl.bfloat16
-
-
-def _tl_dtype(dtype: torch.dtype):
-    return {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}[dtype]
 
 
 def fused_experts(
@@ -350,8 +330,8 @@ def run(
         raise ValueError("fp8 activations need fp8 weights")
     blocks = align(experts, n_experts, tiles.block_m)
     rows, p = blocks.pairs.numel(), t * k
-    launch = dict(BM=tiles.block_m, BN=tiles.block_n, MMA=_mma_dtype(fp8_activations), A_SCALED=fp8_activations,
-                  BY_BITS=interpreting() and w1.dtype == torch.bfloat16,
+    launch = dict(BM=tiles.block_m, BN=tiles.block_n, MMA=mma_dtype(w1.dtype, fp8_activations),
+                  A_SCALED=fp8_activations, BY_BITS=by_bits(w1.dtype),
                   num_warps=tiles.num_warps, num_stages=tiles.num_stages)  # fmt: skip
     if fp8_activations:  # the rows in sorted order, quantized per row (padding rows read token 0, masked after)
         a, a_scale = quantize_rows_fp8(z[blocks.pairs.clamp(max=p - 1).long() // k])
@@ -368,6 +348,6 @@ def run(
     _down_kernel[(rows // tiles.block_m, triton.cdiv(h_out, tiles.block_n))](
         a, a_scale, blocks.pairs, blocks.expert, weights.reshape(-1).float().contiguous(), w2.values, w2.scale, out,
         p, m, h_out, a.stride(0), *w2.values.stride()[:2], *w2.scale.stride()[:2], out.stride(0),
-        FORMAT=w2.fmt, GROUP=w2.group, BK=w2.block_k(tiles.block_k), ROUND_T=_tl_dtype(w2.dtype), **launch,
+        FORMAT=w2.fmt, GROUP=w2.group, BK=w2.block_k(tiles.block_k), ROUND_T=tl_dtype(w2.dtype), **launch,
     )  # fmt: skip
     return out.view(t, k, h_out).sum(1)
