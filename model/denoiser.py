@@ -74,14 +74,17 @@ class Denoiser:
         prefix_cache_bytes: int = 0,
         prefix_block_tokens: int = 64,
         compile_backend: str = "inductor",
+        cuda_graphs: bool | None = None,
     ):
         """static_shapes: the denoising forward attends over the whole cache capacity with a mask and always
         takes the soft embedding (zeros on a first step, which is exact), so its shapes depend on the row count
-        only; compile (implies static_shapes): torch.compile that forward layer by layer (Network.compile_regions)
-        and, on a GPU, replay it as one CUDA graph per row count (model/cuda_graphs.py). A batcher
-        then pads rows to a few bucket sizes so each compiled graph is reused. prefix_cache_bytes: memory for
-        the K/V of prompt blocks kept across requests (model/prefix_cache.py; 0: none). compile_backend: torch.compile's
-        (tests trace with "aot_eager": the same whole-graph capture without building kernels)."""
+        only; compile (implies static_shapes): torch.compile that forward layer by layer (Network.compile_regions);
+        cuda_graphs (implies static_shapes; default: with compile, on a GPU): replay each step, the forward, the
+        vocabulary pass and the sampler's decision, as one CUDA graph per row count (model/cuda_graphs.py; without
+        compile it captures the eager kernels: the launch savings at no compile time). A batcher then pads rows
+        to a few bucket sizes so each graph is reused. prefix_cache_bytes: memory for the K/V of prompt blocks
+        kept across requests (model/prefix_cache.py; 0: none). compile_backend: torch.compile's (tests trace with
+        "aot_eager": the same whole-graph capture without building kernels)."""
         self.net = network
         c = network.config
         dev = network.device
@@ -111,22 +114,29 @@ class Denoiser:
         self.confidence = torch.zeros(slots, **f32)
         self.temp_scale = torch.ones(slots, **f32)  # the request's temperature: a factor on its schedule
         self.top_logprobs = torch.full((slots,), -1, **i64)  # -1: no log-probabilities; k >= 0: chosen + top k
+        self.wants_logprobs: set[int] = set()  # the slots whose top_logprobs >= 0, known on the host
         # canvas templates: per slot, the answer's fixed tokens (-1: a free position) and the current canvas's part
         self.templates: dict[int, list[int]] = {}
         self.fixed = torch.zeros(slots, C, dtype=torch.bool, device=dev)
         self.fixed_ids = torch.zeros(slots, C, **i64)
         self._buffers: tuple[torch.Tensor, torch.Tensor] | None = None
-        self.static_shapes = static_shapes or compile
-        self._denoise = network.denoise
+        cuda_graphs = (compile and dev.type == "cuda") if cuda_graphs is None else cuda_graphs
+        if cuda_graphs and dev.type != "cuda":
+            raise ValueError(f"cuda_graphs needs a CUDA device, not {dev.type}")
+        self.static_shapes = static_shapes or compile or cuda_graphs
         if compile:
             # The per-expert loop branches on routed-token counts (a graph break per layer); grouped_mm gives
             # the same results without leaving the graph.
             network.use_grouped_mm = True
             network.compile_regions(compile_backend)  # each layer shape one compiled region (fullgraph)
-            if dev.type == "cuda":  # and the whole static forward one CUDA graph per row count
-                from model.cuda_graphs import GraphedDenoise
+        self.step_graphs = None
+        if cuda_graphs:
+            from model.cuda_graphs import StepGraphs
 
-                self._denoise = GraphedDenoise(network)
+            # the vocabulary workspace at its largest, once: a graph keeps the addresses it was captured with
+            self._scratch(self.vocab_tile(slots * C), c.vocab_size)
+            state = [self.canvas, self.argmax, self.history, self.soft, self.has_soft, self.step_index]
+            self.step_graphs = StepGraphs(self._plain_step, state)
 
     # ---------------------------------------------------------------- step-level API
 
@@ -162,6 +172,7 @@ class Denoiser:
         self.confidence[slot] = -math.inf if conf is None else conf
         self.temp_scale[slot] = settings.temperature
         self.top_logprobs[slot] = -1 if logprobs is None else logprobs
+        (self.wants_logprobs.discard if logprobs is None else self.wants_logprobs.add)(slot)
         self.fixed[slot] = False
         if template and any(t >= 0 for t in template):
             self.templates[slot] = list(template)
@@ -236,29 +247,49 @@ class Denoiser:
         self.has_soft[idx] = False
 
     def step(self, slots: list[int]) -> StepResult:
-        """One denoising step for each slot: a denoise forward, then the sampler."""
+        """One denoising step for each slot: a denoise forward, then the sampler. With CUDA graphs, a step of
+        rows without templates or log-probabilities is one graph replay."""
         idx = torch.tensor(slots, dtype=torch.int64, device=self.net.device)
+        templated = any(s in self.templates for s in slots)
+        logprobs = any(s in self.wants_logprobs for s in slots)
+        with torch.inference_mode():
+            if self.step_graphs is not None and not templated and not logprobs:
+                done, steps, argmax = (t.clone() for t in self.step_graphs(idx))
+                lp = None
+            else:
+                done, steps, argmax, lp = self._step_core(idx, templated, logprobs)
+        return StepResult(done.tolist(), steps.tolist(), argmax, lp)
+
+    def _plain_step(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A step of rows without templates or log-probabilities: what a CUDA graph captures (no host reads)."""
+        done, steps, argmax, _ = self._step_core(idx, templated=False, logprobs=False)
+        return done, steps, argmax
+
+    def _step_core(self, idx: torch.Tensor, templated: bool, logprobs: bool) -> tuple:
+        """The step on device tensors: (done [B], steps taken [B], argmax canvases [B, C], LogProbs or None),
+        the slots' state written last. Host reads only where the static path does not go (`templated`,
+        `logprobs`, and the skipped self-conditioning MLP and soft embeddings of the dynamic path)."""
         if self.static_shapes:
             soft = self.soft[idx]
         else:  # skip the self-conditioning MLP when every row is on its first step
             soft = self.soft[idx] if bool(self.has_soft[idx].any()) else None
-        hidden = self._denoise(self.cache, idx, self.canvas[idx], soft, static=self.static_shapes)
+        hidden = self.net.denoise_graph(self.cache, idx, self.canvas[idx], soft, static=self.static_shapes)
         step = self.step_index[idx]
         scale = self.temp_scale[idx]
         temp = temperature(step, self.cap[idx], self.t_min[idx], self.t_max[idx], scale)
         # A row on the last step its cap allows is committed after it: its soft embedding (half the vocabulary
-        # GEMMs of a step) would never be read. The compiled path keeps one shape and computes it anyway.
+        # GEMMs of a step) would never be read. The static path keeps one shape and computes it anyway.
         needs_soft = None if self.static_shapes else (step + 1 < self.cap[idx]).cpu()
-        top_k = self.top_logprobs[idx].cpu()
-        entropy, sample, argmax, soft_new, logprobs = self._vocab_pass(hidden, temp, idx, step, needs_soft, top_k)
+        top_k = self.top_logprobs[idx].cpu() if logprobs else None
+        entropy, sample, argmax, soft_new, lp = self._vocab_pass(hidden, temp, idx, step, needs_soft, top_k)
         sample = torch.where((scale == 0)[:, None], argmax, sample)  # temperature 0: the argmax path, exactly
-        free = templated = None
-        if any(s in self.templates for s in slots):  # fixed positions: their own token, certain, always accepted
+        free = fixed_rows = None
+        if templated:  # fixed positions: their own token, certain, always accepted
             fixed, fixed_ids = self.fixed[idx], self.fixed_ids[idx]
             argmax = torch.where(fixed, fixed_ids, argmax)
             sample = torch.where(fixed, fixed_ids, sample)
             entropy = entropy.masked_fill(fixed, 0.0)
-            free, templated = ~fixed, fixed.any(-1)
+            free, fixed_rows = ~fixed, fixed.any(-1)
         history = self.history[idx]
         d = decide(
             entropy,
@@ -274,7 +305,7 @@ class Denoiser:
             canvas_index=self.canvas_index[idx],
             vocab_size=self.config.vocab_size,
             free=free,
-            templated=templated,
+            templated=fixed_rows,
         )
         if free is not None:
             d.canvas = torch.where(~free, argmax, d.canvas)
@@ -284,7 +315,7 @@ class Denoiser:
         self.soft[idx] = soft_new
         self.has_soft[idx] = True
         self.step_index[idx] = step + 1
-        return StepResult(d.done.tolist(), (step + 1).tolist(), d.argmax, logprobs)
+        return d.done, step + 1, d.argmax, lp
 
     def _template_canvas(self, slot: int) -> None:
         """The slot's template part for its current canvas, fixed in the canvas (the rest stays free)."""
@@ -304,6 +335,7 @@ class Denoiser:
         self.cache.reset(torch.tensor(slots, dtype=torch.int64, device=self.net.device))
         for slot in slots:
             self.templates.pop(slot, None)
+            self.wants_logprobs.discard(slot)
 
     # ---------------------------------------------------------------- the vocabulary pass
 

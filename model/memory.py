@@ -99,7 +99,7 @@ def step_peak(denoiser: Denoiser, rows: int) -> tuple[int, int]:
     buffers = tensor_bytes(*denoiser._scratch(tile, denoiser.config.vocab_size))
     with LiveBytes() as live:
         soft = denoiser.soft[idx]
-        hidden = denoiser._denoise(denoiser.cache, idx, denoiser.canvas[idx], soft, static=True)
+        hidden = denoiser.net.denoise(denoiser.cache, idx, denoiser.canvas[idx], soft, static=True)
         del soft
         step = denoiser.step_index[idx]
         temp = torch.ones(rows, device=hidden.device)

@@ -120,6 +120,12 @@ class Pool(Strict):
     # a dense checkpoint quantized as it loads (model/quant.py, docs/quantization.md)
     weights: Literal["auto", "dense", "fp8", "int4"] = "auto"
     compile: bool = False  # torch.compile + CUDA graphs on GPU, with row buckets
+    # each denoising step (forward, vocabulary pass, sampler) replayed as one CUDA graph per row bucket, compiled
+    # or not (without compile: the eager kernels' launches saved at no compile time). None: with compile. GPU only
+    cuda_graphs: bool | None = None
+    # the GPU kernels: triton (model/kernels/: fused experts, the denoising attention), torch, or auto (triton on
+    # a CUDA device with Triton installed, torch elsewhere)
+    kernels: Literal["auto", "torch", "triton"] = "auto"
     # which replica takes a request: step_aware (serving/routing.py: least denoising work in the request's
     # horizon) or power_of_two (Serve's default: the shorter of two replicas' request queues)
     router: Literal["step_aware", "power_of_two"] = "step_aware"

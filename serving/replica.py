@@ -19,6 +19,7 @@ import torch
 
 from model.config import SamplerSettings
 from model.denoiser import Denoiser
+from model.kernels import resolve
 from model.weights import load_network
 from serving.config import Pool
 from serving.engine import Engine
@@ -50,10 +51,12 @@ class DenoiserServer:
         device = device_for(spec)
         dtype = None if spec.dtype == "auto" else getattr(torch, spec.dtype)
         net, ckpt = load_network(model, device=device, dtype=dtype, weights=spec.weights)
-        buckets = ROW_BUCKETS if spec.compile else None
+        net.kernels = resolve(spec.kernels, device)
+        graphs = spec.compile and device.type == "cuda" if spec.cuda_graphs is None else spec.cuda_graphs
+        buckets = ROW_BUCKETS if spec.compile or graphs else None
         slots = spec.slots + (1 if buckets else 0)  # the scratch slot that pads row buckets
         denoiser = Denoiser(
-            net, slots, spec.max_context, ckpt.generation.eos_token_ids, compile=spec.compile,
+            net, slots, spec.max_context, ckpt.generation.eos_token_ids, compile=spec.compile, cuda_graphs=graphs,
             prefix_cache_bytes=int(spec.prefix_cache_mb * 2**20), prefix_block_tokens=spec.prefix_block_tokens,
         )  # fmt: skip
         self.engine = Engine(

@@ -12,6 +12,7 @@ import torch
 from loadtest.gpu_check import main
 from model.config import SamplerSettings, TextConfig
 from model.denoiser import Denoiser, Request
+from model.kernels import resolve
 from model.presets import preset
 from model.weights import random_network
 
@@ -69,3 +70,31 @@ def test_the_compiled_denoiser_traces_whole_and_gives_the_eager_tokens():
     shapes = {(cfg.is_sliding(i), cfg.head_dims[i], cfg.kv_heads[i]) for i in range(cfg.num_layers)}
     assert cfg.num_layers > len(shapes) == 2
     assert counters["stats"]["unique_graphs"] == 2 * len(shapes)
+
+
+@pytest.mark.parametrize("kernels", ["torch", "triton"])
+def test_a_whole_step_traces_as_one_graph_without_host_reads(kernels):
+    """What a CUDA graph of a step needs, checked where none can be captured: the static step (forward,
+    vocabulary pass, the sampler's decision and the state writes) traces whole (fullgraph: a host read of a
+    tensor's value breaks the graph and fails), and the traced step gives the eager step's tokens and state."""
+    cfg = TextConfig.from_hf(preset("tiny", head_dim=16, global_head_dim=32))  # the attention kernel's tiles
+    net = random_network(cfg, dtype=torch.bfloat16, seed=5, compute_mode="native", weights="fp8")
+    net.use_grouped_mm = True  # as on a GPU (the per-expert loop reads counts on the host)
+    net.kernels = resolve(kernels, net.device)
+    pair = [Denoiser(net, slots=3, max_context=64, eos_token_ids=(), static_shapes=True) for _ in range(2)]
+    for d in pair:
+        for slot, seed in ((0, 1), (2, 2)):
+            d.admit(slot, SamplerSettings(max_denoising_steps=4), seed=seed)
+        d.prefill([0, 2], [[2, 5, 6, 7, 8, 9, 3, 4, 5, 6], [2, 9]])
+        d.start_canvas([0, 2])
+    eager, traced = pair
+    torch._dynamo.reset()
+    step = torch.compile(traced._plain_step, fullgraph=True, backend="aot_eager")
+    idx = torch.tensor([2, 0])
+    for _ in range(3):
+        want = eager.step([2, 0])
+        with torch.inference_mode():
+            done, steps, argmax = step(idx)
+        assert done.tolist() == want.done and steps.tolist() == want.steps and torch.equal(argmax, want.argmax)
+        for name in ("canvas", "history", "soft", "step_index"):
+            assert torch.equal(getattr(traced, name), getattr(eager, name)), name

@@ -46,7 +46,7 @@ def test_plan_equals_the_measured_allocation_on_the_mid_preset(fmt):
     idx = torch.arange(rows)
 
     def step():
-        hidden = d._denoise(d.cache, idx, d.canvas[idx], d.soft[idx], static=True)
+        hidden = d.net.denoise(d.cache, idx, d.canvas[idx], d.soft[idx], static=True)
         d._vocab_pass(hidden, torch.ones(rows), idx, d.step_index[idx])
 
     step()  # the first call may allocate once-only state
