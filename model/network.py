@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from model.config import FULL, SLIDING, TextConfig
 from model.kernels import attention, moe, resolve
 from model.kv_cache import KVCache, denoise_attention
-from model.quant import Weight, expert_linear, grouped_linear, linear
+from model.quant import Weight, linear
 
 
 def rms(x: torch.Tensor, eps: float) -> torch.Tensor:
@@ -354,27 +354,4 @@ class Network:
         weights = weights / weights.sum(-1, keepdim=True) * lw.per_expert_scale.float()[experts]
         if self.kernels == "triton":
             return moe.fused_experts(z, experts, weights, lw.expert_gate_up, lw.expert_down)
-        flat = experts.reshape(-1)
-        order = torch.argsort(flat, stable=True)
-        token = order // c.top_k_experts
-        rows = z[token]
-        # a fixed-size count (bincount's length depends on the data: no meta tensors, no whole compiled graph)
-        counts = torch.zeros(c.num_experts, dtype=torch.int64, device=z.device).scatter_add_(
-            0, flat, torch.ones_like(flat)
-        )
-        if self.use_grouped_mm:
-            offs = torch.cumsum(counts, 0).to(torch.int32)
-            gate, up = grouped_linear(rows, lw.expert_gate_up, offs).chunk(2, dim=-1)
-            y = grouped_linear(gelu_tanh(gate) * up, lw.expert_down, offs)
-        else:
-            y = torch.empty(rows.shape[0], c.hidden_size, dtype=self.dtype, device=z.device)
-            begin = 0
-            for e, cnt in enumerate(counts.tolist()):
-                if cnt:
-                    sl = slice(begin, begin + cnt)
-                    gate, up = expert_linear(rows[sl], lw.expert_gate_up, e).chunk(2, dim=-1)
-                    y[sl] = expert_linear(gelu_tanh(gate) * up, lw.expert_down, e)
-                    begin += cnt
-        y = y.float() * weights.reshape(-1)[order, None]
-        out = torch.zeros(z.shape[0], c.hidden_size, dtype=torch.float32, device=z.device)
-        return out.index_add_(0, token, y)
+        return moe.torch_experts(z, experts, weights, lw.expert_gate_up, lw.expert_down, self.use_grouped_mm)

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from model.kernels.common import by_bits, mma_dtype, rounded, tl_dtype
-from model.quant import Fp8Weight, Int4Weight, Weight, quantize_rows_fp8, unpack_int4
+from model.quant import Fp8Weight, Int4Weight, Weight, expert_linear, grouped_linear, quantize_rows_fp8, unpack_int4
 
 try:
     import triton
@@ -124,6 +124,37 @@ def reference(
         y = (rows(inter) @ w2[e].T).to(dtype).float()
         out.index_add_(0, token, y * weights[token, choice, None])
     return out
+
+
+def torch_experts(
+    z: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor, gate_up: Weight, down: Weight, grouped: bool
+) -> torch.Tensor:
+    """What the network runs without the kernels: the pairs sorted by expert (a copy of their rows), then one
+    grouped GEMM per projection (`grouped`: torch's grouped_mm; quantized weights dequantized a slice at a time)
+    or a loop over the experts (which reads the counts on the host), and the weighted sum by index_add."""
+    k, n_experts, dtype = experts.shape[1], gate_up.shape[0], gate_up.dtype
+    flat = experts.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    token = order // k
+    rows = z[token]
+    # a fixed-size count (bincount's length depends on the data: no meta tensors, no whole compiled graph)
+    counts = torch.zeros(n_experts, dtype=torch.int64, device=z.device).scatter_add_(0, flat, torch.ones_like(flat))
+    if grouped:
+        offs = torch.cumsum(counts, 0).to(torch.int32)
+        gate, up = grouped_linear(rows, gate_up, offs).chunk(2, dim=-1)
+        y = grouped_linear(F.gelu(gate, approximate="tanh") * up, down, offs)
+    else:
+        y = torch.empty(rows.shape[0], down.shape[1], dtype=dtype, device=z.device)
+        begin = 0
+        for e, cnt in enumerate(counts.tolist()):
+            if cnt:
+                sl = slice(begin, begin + cnt)
+                gate, up = expert_linear(rows[sl], gate_up, e).chunk(2, dim=-1)
+                y[sl] = expert_linear(F.gelu(gate, approximate="tanh") * up, down, e)
+                begin += cnt
+    y = y.float() * weights.reshape(-1)[order, None]
+    out = torch.zeros(z.shape[0], down.shape[1], dtype=torch.float32, device=z.device)
+    return out.index_add_(0, token, y)
 
 
 # ---------------------------------------------------------------- the kernels
