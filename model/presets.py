@@ -154,16 +154,7 @@ def random_hf_model(config: dict, seed: int = 0, dtype: torch.dtype = torch.floa
     torch.manual_seed(seed)
     cfg = DiffusionGemmaConfig(**config)
     cfg.text_config.initializer_range = 0.2 if cfg.text_config.hidden_size <= 64 else 0.02
-    if device is None:
-        model = DiffusionGemmaForBlockDiffusion(cfg)
-    else:
-        default = torch.get_default_dtype()
-        torch.set_default_dtype(dtype)
-        try:
-            with torch.device(device):
-                model = DiffusionGemmaForBlockDiffusion(cfg)
-        finally:
-            torch.set_default_dtype(default)
+    model = _built(DiffusionGemmaForBlockDiffusion, cfg, dtype, device)
     gen = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         scalars = {}
@@ -206,3 +197,36 @@ def save_random_checkpoint(
     hf.generation_config = hf_generation_config(list(eos_token_id), max_denoising_steps=8, max_new_tokens=256)
     hf.save_pretrained(path)
     write_word_tokenizer(path, config["text_config"]["vocab_size"])
+
+
+def random_autoregressive_twin(
+    config: dict, seed: int = 0, dtype: torch.dtype = torch.float32, device: str | None = None
+):
+    """A transformers Gemma4ForCausalLM of the same text shape as a DiffusionGemma config (its layers, experts,
+    heads, window and vocabulary; V = K on full layers; no per-layer inputs), random weights: the autoregressive
+    model the denoiser's speed is weighed against. device: made there, in `dtype` from the start."""
+    from transformers import Gemma4ForCausalLM, Gemma4TextConfig
+
+    torch.manual_seed(seed)
+    text = {k: v for k, v in config["text_config"].items() if k not in ("per_layer_config",)}
+    cfg = Gemma4TextConfig(
+        **text,
+        enable_moe_block=True,
+        attention_k_eq_v=True,
+        hidden_size_per_layer_input=0,
+        final_logit_softcapping=30.0,
+    )
+    return _built(Gemma4ForCausalLM, cfg, dtype, device).to(dtype).eval()
+
+
+def _built(cls, cfg, dtype: torch.dtype, device: str | None):
+    """cls(cfg): on the CPU in the default dtype (device None), or made on `device` in `dtype` from the start."""
+    if device is None:
+        return cls(cfg)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            return cls(cfg)
+    finally:
+        torch.set_default_dtype(default)
