@@ -15,6 +15,7 @@ import torch
 
 from model import rng
 from model.config import MAX_TOP_LOGPROBS, SamplerSettings, canvas_count, context_needed
+from model.kernels import vocab as vocab_kernel
 from model.kv_cache import KVCache
 from model.network import Network
 from model.prefix_cache import PrefixCache
@@ -356,10 +357,9 @@ class Denoiser:
         b, C, h = hidden.shape
         n_tok = b * C
         vocab = c.vocab_size
-        embed = self.net.w.embed
         cap = c.final_logit_softcapping
         tile = self.vocab_tile(n_tok)
-        logit_buf, prob_buf = self._scratch(tile, vocab)
+        self._scratch(tile, vocab)  # the tiles' two buffers (self._buffers), allocated once
         flat = hidden.reshape(n_tok, h)
         # 30*tanh(x/30)/T == (60/T)*sigmoid(x/15) - 30/T, and the constant drops out once the max is subtracted.
         scale = (2 * cap / temp).repeat_interleave(C)
@@ -371,42 +371,72 @@ class Denoiser:
         soft = torch.empty(n_tok, h, device=hidden.device)
         wanted = None if needs_soft is None or bool(needs_soft.all()) else needs_soft.repeat_interleave(C)
         lp = None if top_k is None or int(top_k.max()) < 0 else self._logprob_outputs(top_k, C, hidden.device)
+        outs = (entropy, norm, sample, argmax)
         low = self.net.dtype != torch.float32
+        fused = low and self.net.kernels == "triton" and vocab_kernel.supports(vocab)
         for s in range(0, n_tok, tile):
             e = min(n_tok, s + tile)
-            n = e - s
-            logits, probs = logit_buf[:n], prob_buf[:n]
             x = (flat[s:e] * (2 / cap)).to(self.net.dtype)
-            if low:  # the low-precision product lands in the (still free) probability buffer's bytes
-                raw = prob_buf.view(-1).view(self.net.dtype)[: n * vocab].view(n, vocab)
-                torch.mm(x, embed.T, out=raw)
-                logits.copy_(raw)
-            else:
-                torch.mm(x, embed.T, out=logits)
-            logits.sigmoid_()
-            top, argmax[s:e] = row_max(logits)
-            if lp is not None:
-                self._logprobs(logits, top, lp, s, e)
-            logits.sub_(top[:, None]).mul_(scale[s:e, None])  # two in-place passes: faster here than one addcmul
-            entropy[s:e], norm[s:e], sums = entropy_and_weights(logits, probs)  # probs holds the unnormalised weights
+            tile_pass = self._tile_fused if fused else self._tile_torch
+            weights = tile_pass(x, (s, e), scale[s:e], uniform[s:e], outs, lp)
             rows = None if wanted is None else wanted[s:e].nonzero().squeeze(1).to(hidden.device)
-            if rows is not None and len(rows) < n:
-                soft[s:e] = 0.0
-                if len(rows):
-                    soft[s + rows] = (probs[rows].to(self.net.dtype) @ embed).float()
-            elif low:
-                p_low = logit_buf.view(-1).view(self.net.dtype)[: n * vocab].view(n, vocab)
-                p_low.copy_(probs)
-                soft[s:e] = (p_low @ embed).float()
-            else:
-                torch.mm(probs, embed, out=soft[s:e])
-            sample[s:e] = draw(probs, uniform[s:e], block_sums=sums)
+            self._tile_soft(weights, rows, soft, (s, e))
         soft.mul_(self.net.embed_scale / norm[:, None])  # weights @ E / sum: probabilities @ E, once for every path
         logprobs = None
         if lp is not None:
             k = lp[2].shape[-1]
             logprobs = LogProbs(lp[1].view(b, C), lp[2].view(b, C, k), lp[3].view(b, C, k))
         return entropy.view(b, C), sample.view(b, C), argmax.view(b, C), soft.view(b, C, h), logprobs
+
+    def _tile_torch(self, x, span: tuple[int, int], scale, uniform, outs: tuple, lp) -> torch.Tensor:
+        """One tile of the vocabulary pass in torch, in the fp32 buffers; returns the unnormalised weights."""
+        (s, e), vocab, embed = span, self.config.vocab_size, self.net.w.embed
+        entropy, norm, sample, argmax = outs
+        n = e - s
+        logit_buf, prob_buf = self._buffers
+        logits, probs = logit_buf[:n], prob_buf[:n]
+        if self.net.dtype != torch.float32:  # the low-precision product lands in the (still free) weights' bytes
+            raw = prob_buf.view(-1).view(self.net.dtype)[: n * vocab].view(n, vocab)
+            torch.mm(x, embed.T, out=raw)
+            logits.copy_(raw)
+        else:
+            torch.mm(x, embed.T, out=logits)
+        logits.sigmoid_()
+        top, argmax[s:e] = row_max(logits)
+        if lp is not None:
+            self._logprobs(logits, top, lp, s, e)
+        logits.sub_(top[:, None]).mul_(scale[:, None])  # two in-place passes: faster here than one addcmul
+        entropy[s:e], norm[s:e], sums = entropy_and_weights(logits, probs)  # probs holds the unnormalised weights
+        sample[s:e] = draw(probs, uniform, block_sums=sums)
+        return probs
+
+    def _tile_fused(self, x, span: tuple[int, int], scale, uniform, outs: tuple, lp) -> torch.Tensor:
+        """The same tile through model/kernels/vocab.py: the LM head's rows and the weights in the GEMM dtype,
+        each in one buffer's bytes; returns the weights."""
+        (s, e), vocab, dtype = span, self.config.vocab_size, self.net.dtype
+        entropy, norm, sample, argmax = outs
+        n = e - s
+        raw, weights = (buf.view(-1).view(dtype)[: n * vocab].view(n, vocab) for buf in self._buffers)
+        torch.mm(x, self.net.w.embed.T, out=raw)
+        top, argmax[s:e], entropy[s:e], norm[s:e], sample[s:e] = vocab_kernel.fused(raw, scale, uniform, weights)
+        if lp is not None:  # rare: the rows that asked, from the softcap's sigmoid of the raw rows
+            self._logprobs(raw.float().sigmoid_(), top, lp, s, e)
+        return weights
+
+    def _tile_soft(self, weights: torch.Tensor, rows: torch.Tensor | None, soft: torch.Tensor, span) -> None:
+        """The tile's soft embeddings, unnormalised: weights @ E for the `rows` that need them (None: all)."""
+        (s, e), embed, dtype = span, self.net.w.embed, self.net.dtype
+        n = e - s
+        if rows is not None and len(rows) < n:
+            soft[s:e] = 0.0
+            if len(rows):
+                soft[s + rows] = (weights[rows].to(dtype) @ embed).float()
+        elif weights.dtype == dtype:
+            soft[s:e] = (weights @ embed).float()
+        else:  # fp32 weights of a low-precision network: cast into the (now free) logits buffer's bytes
+            low = self._buffers[0].view(-1).view(dtype)[: weights.numel()].view_as(weights)
+            low.copy_(weights)
+            soft[s:e] = (low @ embed).float()
 
     def _logprob_outputs(self, top_k: torch.Tensor, C: int, device: torch.device) -> tuple:
         """(the token rows that want log-probabilities, chosen [n], top ids [n, K], top [n, K]) for one pass."""

@@ -10,11 +10,12 @@ import torch
 
 from model.config import SamplerSettings, TextConfig
 from model.denoiser import Denoiser, Request
-from model.kernels import attention, resolve
+from model.kernels import attention, resolve, vocab
 from model.kernels.moe import Tiles, align, fused_experts, reference, run, tiles_for
 from model.kv_cache import KVCache, denoise_attention
 from model.presets import preset
 from model.quant import quantize
+from model.sampler import draw, entropy_and_weights, row_max
 from model.weights import random_network
 
 pytest.importorskip("triton")
@@ -194,3 +195,46 @@ def test_denoise_attention_reads_the_cache_in_place_as_the_masked_reference_does
     assert ours.dtype == dtype and ours.shape == ref.shape
     tol = 1e-5 if dtype == torch.float32 else 8e-3  # bf16: the output's rounding (inputs are bf16 in both)
     assert torch.allclose(ours.float(), ref, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("vocab_size", [128, 1024, 4480])  # one block, several, a row not a power of two
+def test_the_vocab_kernel_gives_the_torch_passs_argmax_weights_entropy_and_samples(vocab_size):
+    gen = torch.Generator().manual_seed(vocab_size)
+    n = 9
+    raw = (torch.randn(n, vocab_size, generator=gen) * 3).to(torch.bfloat16)
+    raw[0, 5] = raw[0, 17] = raw[0].max() + 1  # a tie for the max: the first index wins
+    scale = torch.rand(n, generator=gen) * 40 + 0.5
+    scale[1] = 2 * 30 / 1e-6  # the temperature floor: one weight left, the rest underflow
+    uniform = torch.rand(n, generator=gen)
+    uniform[2] = 1 - 2**-24  # the largest uniform: the last block's end
+    weights = torch.empty(n, vocab_size, dtype=torch.bfloat16)
+    top, argmax, entropy, norm, sample = vocab.fused(raw, scale, uniform, weights)
+    sig = raw.float().sigmoid()
+    ref_top, ref_argmax = row_max(sig)
+    probs = torch.empty_like(sig)
+    ref_entropy, ref_norm, sums = entropy_and_weights((sig - ref_top[:, None]) * scale[:, None], probs)
+    assert argmax[0] == 5 and torch.equal(argmax, ref_argmax) and torch.equal(top, ref_top)
+    assert torch.equal(sample, draw(probs, uniform, block_sums=sums)) and sample[1] == argmax[1]
+    assert torch.allclose(entropy, ref_entropy, atol=2e-6) and torch.allclose(norm, ref_norm, rtol=1e-6)
+    assert torch.allclose(weights.float(), probs, rtol=2**-8, atol=0)  # in bf16 (one rounding), for the GEMM
+
+
+def test_the_denoisers_vocab_pass_through_the_kernel_gives_the_torch_pass(monkeypatch):
+    """The whole pass of a bf16 denoiser (LM head, the tile's kernel, soft embeddings, log-probabilities, rows
+    that skip their soft embedding), over several tiles, with the vocabulary kernel or the torch code."""
+    cfg = TextConfig.from_hf(preset("tiny"))
+    net = random_network(cfg, dtype=torch.bfloat16, seed=6, compute_mode="native")
+    d = Denoiser(net, slots=3, max_context=32, eos_token_ids=(), vocab_workspace_bytes=cfg.vocab_size * 4 * 2 * 5)
+    hidden = torch.randn(3, cfg.canvas_length, cfg.hidden_size, generator=torch.Generator().manual_seed(2))
+    idx, step = torch.tensor([2, 0, 1]), torch.tensor([0, 3, 1])
+    temp = torch.tensor([1.0, 0.3, 1e-6])
+    args = (hidden, temp, idx, step, torch.tensor([True, False, True]), torch.tensor([2, -1, 0]))
+    assert d.vocab_tile(3 * cfg.canvas_length) < 3 * cfg.canvas_length  # several tiles
+    outs = []
+    for kernels in ("torch", "triton"):
+        net.kernels = resolve(kernels, net.device)
+        outs.append(d._vocab_pass(*args))
+    (h0, s0, a0, soft0, lp0), (h1, s1, a1, soft1, lp1) = outs
+    assert torch.equal(a0, a1) and torch.equal(s0, s1) and torch.allclose(h0, h1, atol=2e-6)
+    assert torch.allclose(soft0, soft1, rtol=1e-2, atol=1e-3) and not soft1[1].any()  # row 1 skips it
+    assert torch.equal(lp0.top_ids, lp1.top_ids) and torch.allclose(lp0.top.nan_to_num(), lp1.top.nan_to_num())

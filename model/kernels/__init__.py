@@ -3,6 +3,9 @@
 - moe.py: the experts of one layer as two grouped GEMMs over route-sorted blocks of token-expert pairs, reading
   bf16, fp8 or packed int4 weights where they lie and dequantizing in registers; gate/up with GELU-tanh fused,
   down with the routing weights applied; the top-k sum once, after.
+- attention.py: a denoising pass's attention over the slot cache in place (no mask, gather or concatenation).
+- vocab.py: the vocabulary pass between the LM head and the soft embedding (softcap, temperature, max and argmax,
+  the weights, entropy, the draw) per token row, with nothing in fp32 the size of the vocabulary.
 
 Which implementation runs is the network's choice (`Network(kernels=...)`): "triton" where Triton and a CUDA
 device are present, else "torch". Every kernel is tested on the CPU in Triton's interpreter (TRITON_INTERPRET=1,
