@@ -12,7 +12,16 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    field_validator,
+    model_validator,
+)
 
 from model.config import MAX_TOP_LOGPROBS
 from serving.frontend import Controls
@@ -57,15 +66,15 @@ class Diffusion(SamplerOverrides):
 class StreamOptions(BaseModel):
     model_config = STRICT
 
-    include_usage: bool = False  # a last chunk, before [DONE], with no choices and the usage of the request
-    continuous_usage_stats: bool = False  # vLLM's: the usage so far on every chunk too
+    include_usage: StrictBool = False  # a last chunk, before [DONE], with no choices and the usage of the request
+    continuous_usage_stats: StrictBool = False  # vLLM's: the usage so far on every chunk too
 
 
 class OpenAIOptions(Diffusion):
     model: str | None = None
     max_tokens: StrictInt | None = Field(None, ge=1)
     max_completion_tokens: StrictInt | None = Field(None, ge=1)
-    stream: bool = False
+    stream: StrictBool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
     n: StrictInt = Field(1, ge=1, le=MAX_CHOICES)
@@ -74,7 +83,7 @@ class OpenAIOptions(Diffusion):
     # accepted only at their neutral values (NEUTRAL)
     top_p: float | None = None
     best_of: StrictInt | None = None
-    echo: bool = False
+    echo: StrictBool = False
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     logit_bias: dict | None = None
@@ -190,7 +199,7 @@ class FunctionSpec(BaseModel):
     name: str = Field(..., min_length=1, max_length=256, pattern=r"^[A-Za-z0-9_.\-]+$")
     description: str = ""
     parameters: dict[str, Any] = Field(default_factory=dict)  # a JSON schema
-    strict: bool | None = None
+    strict: StrictBool | None = None
 
 
 class Tool(BaseModel):
@@ -210,11 +219,11 @@ class NamedTool(BaseModel):
 class ChatBody(OpenAIOptions):
     messages: list[Message] = Field(..., min_length=1)
     # the chat API's logprobs: a switch, with top_logprobs alternatives per token
-    logprobs: bool = False
+    logprobs: StrictBool = False
     top_logprobs: StrictInt | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedTool | None = None
-    parallel_tool_calls: bool | None = None
+    parallel_tool_calls: StrictBool | None = None
     # passed to the chat template, as vLLM does (`enable_thinking` above all)
     chat_template_kwargs: dict[str, str | int | float | bool | None] | None = None
 
@@ -237,15 +246,15 @@ class ChatBody(OpenAIOptions):
 
 
 class GenerateBody(Diffusion):
-    """POST /v1/generate: exactly one of text (chat template applied), prompt (as is) or token_ids. Integers are
-    strict here and on the OpenAI bodies: `true` is not a 1, nor `false` a seed."""
+    """POST /v1/generate: exactly one of text (chat template applied), prompt (as is) or token_ids. Integers and
+    booleans are strict here and on the OpenAI bodies: `true` is not a 1, nor `false` a seed, nor 0.0 a `false`."""
 
     text: str | None = None
     prompt: str | None = None
     token_ids: list[StrictInt] | None = None
     max_new_tokens: StrictInt | None = Field(None, ge=1)
-    stream: bool = False
-    stream_drafts: bool = False
+    stream: StrictBool = False
+    stream_drafts: StrictBool = False
     stop: Stops = None
     top_logprobs: StrictInt | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)  # None: none; k: chosen token + top k
     # a canvas template: the answer's first positions, as text parts (fixed) and counts of free positions

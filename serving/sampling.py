@@ -16,7 +16,7 @@ import dataclasses
 import typing
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, create_model, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, create_model, model_validator
 
 from model.config import SamplerSettings
 
@@ -75,7 +75,7 @@ SamplerOverrides = create_model(
     __config__=STRICT,
     __doc__="A request's overrides of its tier's sampler settings; None (or absent) keeps the tier's value.",
     **{f.name: (_strict(_TYPES[f.name]) | None, _field(f, None)) for f in _FIELDS},
-    adaptive_stop=(bool | None, Field(None, description="false: run every canvas to its step cap")),
+    adaptive_stop=(StrictBool | None, Field(None, description="false: run every canvas to its step cap")),
 )
 
 TierLimits = create_model(
