@@ -22,7 +22,7 @@ pytestmark = pytest.mark.slow  # two compilations (aot_eager) and transformers' 
 def test_the_gpu_script_runs_every_stage_and_writes_its_files(tmp_path):
     summary = main(["--preset", "tiny", "--device", "cpu", "--out", str(tmp_path), "--batches", "1,2",
                     "--compiled-batches", "1", "--steps", "2", "--repeats", "1", "--formats", "fp8,int4,dense",
-                    "--kernels", "triton", "--kernel-tokens", "16", "--max-context", "64",
+                    "--kernels", "torch", "--kernel-tokens", "16", "--max-context", "64",  # kernels: bench stage
                     "--compile-backend", "aot_eager"])  # fmt: skip
     assert {p.name for p in tmp_path.iterdir()} == {"env.json", "results.jsonl", "profile.json", "summary.json"}
     rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
@@ -30,7 +30,7 @@ def test_the_gpu_script_runs_every_stage_and_writes_its_files(tmp_path):
     assert set(ours) == {"fp8/graphed", "int4/graphed", "dense/graphed", "fp8/compiled"}
     for name, r in ours.items():
         assert not any(k.startswith("error") for k in r), r
-        assert r["kernels"] == "triton" and r["cuda_graphs"] is False  # no graphs on a CPU: the static step
+        assert r["kernels"] == "torch" and r["cuda_graphs"] is False  # no graphs on a CPU: the static step
         assert r["batch1_tokens_per_s"] > 0 and r["batch1_forward_ms"] > 0 and r["first_draft_ms"] > 0
         assert r["first_canvas_ms"] > 0 and r["prefill_ms"] > 0
         assert ("batch2_tokens_per_s" in r) == name.endswith("graphed")  # compiled: only the batches asked for
