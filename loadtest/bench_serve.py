@@ -43,7 +43,7 @@ from loadtest.serve_run import ServeRun, shipped_config
 from protos.diffusiongemma.v1 import diffusion_pb2 as pb
 from protos.diffusiongemma.v1 import diffusion_pb2_grpc as pb_grpc
 from serving.config import AppConfig
-from serving.request import Accepted, CanvasEvent, ErrorEvent, FinalEvent
+from serving.request import Accepted, CanvasEvent, ErrorEvent, FinalEvent, GenerateRequest
 
 TIER_STEPS = {"fast": 2, "balanced": 4, "quality": 8}
 
@@ -124,16 +124,9 @@ async def inprocess(config: AppConfig, items: list[Item], warmup: list[Item]) ->
 
     async def one(it: Item) -> tuple[float, int]:
         settings = config.tiers[it.tier].resolve(it.tier, {})
-        payload = dict(
-            prompt=it.prompt,
-            max_new_tokens=it.max_new_tokens,
-            settings=asdict(settings),
-            seed=it.seed,
-            stream_drafts=False,
-            request_id=f"bench-{it.seed}",
-        )
+        request = GenerateRequest(it.prompt, it.max_new_tokens, settings, it.seed, request_id=f"bench-{it.seed}")
         first = None
-        async for event in server.generate(payload):
+        async for event in server.generate(request):
             if isinstance(event, CanvasEvent) and first is None:
                 first = time.perf_counter()
             elif isinstance(event, FinalEvent):

@@ -22,6 +22,7 @@ routes it to another replica, and the client sees nothing of it. This module imp
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -29,7 +30,7 @@ import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from jinja2 import TemplateError
@@ -46,6 +47,7 @@ from serving.request import (
     DraftEvent,
     ErrorEvent,
     FinalEvent,
+    GenerateRequest,
     InvalidRequest,
     Overloaded,
     Refusal,
@@ -94,7 +96,7 @@ class PoolClient(Protocol):
     """How the front end reaches the replicas of one pool (serving/ingress.py: through Serve; LocalPool: one
     replica object in this process)."""
 
-    def generate(self, payload: dict) -> AsyncIterator[Any]: ...
+    def generate(self, request: GenerateRequest) -> AsyncIterator[Any]: ...
 
     async def load(self) -> dict: ...
 
@@ -105,8 +107,8 @@ class LocalPool:
     def __init__(self, server: Any):
         self.server = server
 
-    def generate(self, payload: dict) -> AsyncIterator[Any]:
-        return self.server.generate(payload)
+    def generate(self, request: GenerateRequest) -> AsyncIterator[Any]:
+        return self.server.generate(copy.deepcopy(request))  # as Ray would send it: the engine's own copy
 
     async def load(self) -> dict:
         return self.server.load()
@@ -387,41 +389,40 @@ class Frontend:
         elif not REQUEST_ID.fullmatch(request_id):
             raise InvalidRequest("x-request-id", "must be 1-128 characters of letters, digits and . _ : -")
         # an empty prompt or ids outside the model's vocabulary: the engine refuses them (field "prompt")
-        settings = tier.resolve(name, controls.overrides)
-        payload = dict(
+        request = GenerateRequest(
             prompt=list(ids),
             max_new_tokens=asked.max_new_tokens or self.max_new_default,
-            settings=asdict(settings),
-            seed=controls.seed,
+            settings=tier.resolve(name, controls.overrides),
+            seed=controls.seed,  # None: drawn now, so a resend is the same request
             stream_drafts=asked.stream_drafts,
             request_id=request_id,
             tier=name,
             logprobs=asked.logprobs,
             template=asked.template,
         )
-        grant = None if key_id is None else self.gate.admit(key_id, len(ids) + payload["max_new_tokens"])
+        grant = None if key_id is None else self.gate.admit(key_id, len(ids) + request.max_new_tokens)
         try:
-            events = await self._accepted(tier.pool, payload)
+            events = await self._accepted(tier.pool, request)
         except Exception:
             if grant is not None:
                 grant.release()
             raise
-        send = lambda: self._accepted(tier.pool, payload, tries=1)  # noqa: E731  (the one retry, when idempotent)
+        send = lambda: self._accepted(tier.pool, request, tries=1)  # noqa: E731  (the one retry, when idempotent)
         chunks = self._chunks(events, name, protocol, started, grant, send, len(ids), asked)
         return Opened(request_id, name, len(ids), chunks)
 
-    async def _accepted(self, pool: str, payload: dict, tries: int = 2) -> AsyncIterator[Any]:
+    async def _accepted(self, pool: str, request: GenerateRequest, tries: int = 2) -> AsyncIterator[Any]:
         """The replica's event stream once it has accepted the request (its Accepted consumed). A replica that
         fails before accepting (no replica, a dead one) is tried again, up to `tries` times in all."""
         for attempt in range(tries):
-            events = self.pools[pool].generate(payload)
+            events = self.pools[pool].generate(request)
             try:
                 first = await anext(events)
             except Exception as exc:  # no replica, or one that died before answering
                 await events.aclose()
                 if attempt + 1 < tries:
                     log.warning("request %s: pool %s lost it before accepting (%s); retrying once",
-                                payload["request_id"], pool, type(exc).__name__)  # fmt: skip
+                                request.request_id, pool, type(exc).__name__)  # fmt: skip
                     continue
                 raise Unavailable(f"pool {pool!r} did not take the request: {exc}") from exc
             if not isinstance(first, Accepted):

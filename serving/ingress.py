@@ -20,6 +20,7 @@ from serving.config import AppConfig
 from serving.frontend import Frontend
 from serving.grpc_server import DiffusionServicer, HealthService
 from serving.http_server import http_app
+from serving.request import GenerateRequest
 
 
 class StreamFailed(RuntimeError):
@@ -46,8 +47,8 @@ class ServePool:
     def __init__(self, handle: DeploymentHandle):
         self.handle = handle
 
-    async def generate(self, payload: dict) -> AsyncIterator[Any]:
-        gen = self.handle.options(stream=True).generate.remote(payload)
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[Any]:
+        gen = self.handle.options(stream=True).generate.remote(request)
         try:
             async for item in gen:
                 yield item

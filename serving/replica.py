@@ -17,7 +17,6 @@ from collections.abc import AsyncIterator
 
 import torch
 
-from model.config import SamplerSettings
 from model.denoiser import Denoiser
 from model.kernels import resolve
 from model.weights import load_network
@@ -80,12 +79,9 @@ class DenoiserServer:
             torch.get_num_threads(),
         )
 
-    async def generate(self, request: dict) -> AsyncIterator[Accepted | Refusal | Event]:
-        """request: GenerateRequest fields, with `settings` as a dict of SamplerSettings fields."""
-        fields = dict(request)
-        fields["settings"] = SamplerSettings(**fields["settings"])
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[Accepted | Refusal | Event]:
         try:
-            stream = self.engine.submit(GenerateRequest(**fields))
+            stream = self.engine.submit(request)
         except (InvalidRequest, Overloaded) as exc:
             yield Refusal.of(exc)
             return

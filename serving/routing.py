@@ -33,6 +33,7 @@ from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, R
 from model.config import canvas_count
 from model.prefix_keys import block_keys
 from serving.metrics import router_metrics
+from serving.request import GenerateRequest
 
 
 @dataclass(frozen=True)
@@ -59,9 +60,15 @@ def horizon_cost(work: tuple[int, ...] | list[int], steps: int) -> int:
     return sum(min(w, steps) for w in work)
 
 
-def request_steps(payload: dict, canvas_length: int) -> int:
+def request_steps(request: GenerateRequest, canvas_length: int) -> int:
     """Denoising steps a request may take: canvases times its step cap (an upper bound: adaptive stop)."""
-    return canvas_count(payload["max_new_tokens"], canvas_length) * int(payload["settings"]["max_denoising_steps"])
+    return canvas_count(request.max_new_tokens, canvas_length) * request.settings.max_denoising_steps
+
+
+def generate_request(pending_request: PendingRequest | None) -> GenerateRequest | None:
+    """The GenerateRequest a routed call carries (a replica's `generate(request)`), None for other calls."""
+    args = pending_request.args if pending_request is not None else ()
+    return args[0] if args and isinstance(args[0], GenerateRequest) else None
 
 
 def rank(standings: dict[ReplicaID, Standing], steps: int, keys: list[int] | None = None) -> list[list[ReplicaID]]:
@@ -104,18 +111,18 @@ class StepAwareRouter(RequestRouter):
 
     def keys_of(self, pending_request: PendingRequest | None, replicas: list[RunningReplica]) -> list[int]:
         """The request's prompt block names, in the pool's block size (none: not a generate call, or off)."""
-        payload = pending_request.args[0] if pending_request is not None and pending_request.args else None
+        request = generate_request(pending_request)
         block = (replicas[0].routing_stats or {}).get("prefix_block_tokens") if replicas else None
-        if not (self.prefix_routing and block and isinstance(payload, dict) and "prompt" in payload):
+        if not (self.prefix_routing and block and request is not None):
             return []
-        return block_keys(payload["prompt"], int(block))
+        return block_keys(request.prompt, int(block))
 
     def steps_of(self, pending_request: PendingRequest | None, replicas: list[RunningReplica]) -> int:
-        payload = pending_request.args[0] if pending_request is not None and pending_request.args else None
-        if not (isinstance(payload, dict) and "settings" in payload):
+        request = generate_request(pending_request)
+        if request is None:
             return 1  # not a generate call (a load query): any replica will do; rank by rows now
         canvas = int((replicas[0].routing_stats or {}).get("canvas_length", 256))
-        return request_steps(payload, canvas)
+        return request_steps(request, canvas)
 
     async def choose_replicas(
         self, candidate_replicas: list[RunningReplica], pending_request: PendingRequest | None = None
@@ -134,8 +141,7 @@ class StepAwareRouter(RequestRouter):
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result) -> None:
         replica = self.curr_replicas.get(replica_id)
-        payload = pending_request.args[0] if pending_request.args else None
-        if replica is None or not (isinstance(payload, dict) and "settings" in payload):
+        if replica is None or generate_request(pending_request) is None:
             return
         now = self._get_curr_time_s()
         chosen = self.standing(replica, now)

@@ -48,7 +48,7 @@ def test_keys_are_required_on_http_and_grpc_alike_and_probes_stay_open(monkeypat
             with pytest.raises(grpc.aio.AioRpcError) as refused_stream:
                 [c async for c in stub.GenerateStream(req, metadata=(("authorization", "Bearer nope-nope-nope-nope"),))]
             ok = await stub.Generate(req, metadata=(("authorization", f"Bearer {KEY_B}"),))
-            return out, refused.value, refused_stream.value, ok, len(pool.payloads)
+            return out, refused.value, refused_stream.value, ok, len(pool.sent)
 
     out, refused, refused_stream, ok, reached = run(main())
     for name in ("none", "wrong", "scheme", "bad_body_no_key", "models_none"):
@@ -119,14 +119,14 @@ def test_per_key_limits_answer_429_with_a_retry_hint_and_count_by_key_id(monkeyp
         async with service("hold", registry=registry, auth=auth) as (http, stub, pool, __):
             # key A's one request stays in flight until the pool lets its final event through
             held = asyncio.create_task(http.post("/v1/chat/completions", json=CHAT, headers=bearer(KEY_A)))
-            while not pool.payloads:
+            while not pool.sent:
                 await asyncio.sleep(0.01)
             second = await http.post("/v1/chat/completions", json=CHAT, headers=bearer(KEY_A))
             with pytest.raises(grpc.aio.AioRpcError) as grpc_refused:
                 req = pb.GenerateRequest(text="reverse: a b", tier="fast")
                 await stub.Generate(req, metadata=(("authorization", f"Bearer {KEY_A}"),))
             other_key = asyncio.create_task(http.post("/v1/chat/completions", json=CHAT, headers=bearer(KEY_B)))
-            while len(pool.payloads) < 2:  # key B is not limited by key A's request
+            while len(pool.sent) < 2:  # key B is not limited by key A's request
                 await asyncio.sleep(0.01)
             pool.release.set()
             first, other_key = await held, await other_key
@@ -161,7 +161,7 @@ def test_oversized_bodies_get_413_before_they_are_read_whole():
 
             streamed = await http.post("/v1/generate", content=chunks(), headers={"content-type": "application/json"})
             small = await http.post("/v1/generate", json={"text": "sort: 21", "tier": "fast"})
-            return declared, streamed, small, len(pool.payloads)
+            return declared, streamed, small, len(pool.sent)
 
     declared, streamed, small, reached = run(main())
     assert declared.status_code == streamed.status_code == 413

@@ -22,7 +22,7 @@ from transformers import PreTrainedTokenizerFast
 from model.checkpoint import read_checkpoint
 from serving.chat_output import ChatOutput, Malformed, parse_call, special_strings
 from serving.config import AppConfig
-from serving.request import Accepted, CanvasEvent, FinalEvent, Usage
+from serving.request import Accepted, CanvasEvent, FinalEvent, GenerateRequest, Usage
 
 TOOL_MARKERS = ["<|tool>", "<tool|>", "<|tool_call>", "<tool_call|>", "<|tool_response>", "<tool_response|>", '<|"|>']
 Q = '<|"|>'
@@ -133,17 +133,17 @@ class ScriptedPool:
         self.tok = tokenizer
         self.replies = replies
         self.prompts: list[list[int]] = []
-        self.payloads: list[dict] = []
+        self.sent: list[GenerateRequest] = []
 
-    async def generate(self, payload: dict) -> AsyncIterator[Any]:
-        self.prompts.append(payload["prompt"])
-        self.payloads.append(payload)
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[Any]:
+        self.prompts.append(request.prompt)
+        self.sent.append(request)
         ids = self.tok.encode(self.replies[(len(self.prompts) - 1) % len(self.replies)], add_special_tokens=False)
-        yield Accepted(payload["request_id"])
+        yield Accepted(request.request_id)
         canvases = [ids[i : i + 16] for i in range(0, len(ids), 16)]
         for i, canvas in enumerate(canvases):
             yield CanvasEvent(i, canvas, 4)
-        usage = Usage(len(payload["prompt"]), len(ids), len(canvases), [4] * len(canvases), 0.0, 0.01, 0.02)
+        usage = Usage(len(request.prompt), len(ids), len(canvases), [4] * len(canvases), 0.0, 0.01, 0.02)
         yield FinalEvent("eos", usage)
 
     async def load(self) -> dict:
@@ -243,7 +243,7 @@ def test_a_required_or_named_tool_choice_fixes_the_calls_opening(scripted, tok):
         reply = client.chat.completions.create(
             model="diffusiongemma-embedded", messages=messages, tools=[WEATHER], tool_choice=choice
         )
-        template = pool.payloads[-1]["template"]
+        template = pool.sent[-1].template
         assert tok.decode(template, skip_special_tokens=False) == "<|tool_call>call:get_weather{"
         assert reply.choices[0].finish_reason in ("tool_calls", "stop")
     from openai import BadRequestError

@@ -28,7 +28,7 @@ from serving.frontend import Frontend, LocalPool
 from serving.grpc_server import DiffusionServicer
 from serving.http_server import http_app
 from serving.replica import local_replica
-from serving.request import FinalEvent
+from serving.request import FinalEvent, GenerateRequest
 
 ROOT = Path(__file__).resolve().parent.parent
 ARGS = yaml.safe_load((ROOT / "deploy" / "config.yaml").read_text())["applications"][0]["args"]
@@ -39,23 +39,23 @@ class RecordingPool(LocalPool):
 
     def __init__(self, server: Any, fault: str | None = None, spare: Any = None):
         super().__init__(server)
-        self.payloads: list[dict] = []
+        self.sent: list[GenerateRequest] = []
         self.fault = fault
         self.release = asyncio.Event()  # fault "hold": final events wait for this
         self.spare = spare  # the lost-* faults: a second replica, which a request's second sending reaches
 
-    async def generate(self, payload: dict) -> AsyncIterator[Any]:
-        self.payloads.append(payload)
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[Any]:
+        self.sent.append(request)
         if self.fault == "unreachable":
             raise ConnectionError("no replica")
         # lost-before/after-accepting: every request's first sending dies, its second (to the spare) lives;
         # lost-after-a-canvas: every sending dies after its first canvas (and is never sent again)
-        retry = self.fault in ("lost-before-accepting", "lost-after-accepting") and len(self.payloads) % 2 == 0
+        retry = self.fault in ("lost-before-accepting", "lost-after-accepting") and len(self.sent) % 2 == 0
         if self.fault == "lost-before-accepting" and not retry:
             raise ConnectionError("the replica died")
         lost_at = {"lost-after-accepting": 1, "lost-after-a-canvas": 2}.get(self.fault)
         seen = 0
-        async for item in (self.spare if retry else self.server).generate(payload):
+        async for item in (self.spare if retry else self.server).generate(request):
             seen += 1
             if lost_at is not None and seen > lost_at and not retry:
                 raise ConnectionError("the replica died")
@@ -115,7 +115,7 @@ def test_the_engines_request_id_is_the_one_the_client_sees():
             unary = await stub.Generate(req)
             streamed = [c async for c in stub.GenerateStream(req)]
             bad = await http.post("/v1/chat/completions", json=CHAT, headers={"x-request-id": "no spaces"})
-            return chat, mine, native, unary, streamed, bad, [p["request_id"] for p in pool.payloads]
+            return chat, mine, native, unary, streamed, bad, [p.request_id for p in pool.sent]
 
     chat, mine, native, unary, streamed, bad, engine_ids = run(main())
     assert chat.status_code == 200 and chat.json()["choices"][0]["message"]["content"].split() == ["c", "b", "a"]
@@ -210,14 +210,14 @@ def test_a_replica_lost_before_the_first_canvas_is_retried_unseen(fault):
             plain = await http.post("/v1/chat/completions", json=CHAT)
             streamed = await http.post("/v1/generate", json={"text": "reverse: a b c", "tier": "fast", "stream": True})
             unary = await stub.Generate(pb.GenerateRequest(text="reverse: a b c", tier="fast", seed=0))
-            return plain, streamed, unary, pool.payloads
+            return plain, streamed, unary, pool.sent
 
-    plain, streamed, unary, payloads = run(main())
+    plain, streamed, unary, sent = run(main())
     assert plain.status_code == 200 and plain.json()["choices"][0]["message"]["content"].split() == ["c", "b", "a"]
     events = sse_events(streamed.text)
     assert [e["type"] for e in events] == ["canvas", "final"]
     assert unary.text.split() == ["c", "b", "a"]
-    assert len(payloads) == 6 and payloads[0] == payloads[1]  # each request sent twice, the same request
+    assert len(sent) == 6 and sent[0] == sent[1]  # each request sent twice, the same request
 
 
 def test_a_replica_lost_after_a_canvas_is_a_retryable_error():
@@ -229,7 +229,7 @@ def test_a_replica_lost_after_a_canvas_is_a_retryable_error():
             with pytest.raises(grpc.aio.AioRpcError) as err:
                 req = pb.GenerateRequest(text="hello there", tier="quality", max_new_tokens=64)
                 [c async for c in stub.GenerateStream(req)]
-            return plain, streamed, err.value, len(pool.payloads)
+            return plain, streamed, err.value, len(pool.sent)
 
     plain, streamed, rpc_error, sent = run(main())
     assert plain.status_code == 503 and plain.headers["retry-after"] == "1"
@@ -249,7 +249,7 @@ def test_draining_refuses_new_requests_with_a_retry_hint_and_lets_those_in_fligh
         async with service(fault="hold") as (http, stub, pool, _):
             body = {"text": "reverse: a b c", "tier": "fast", "seed": 0}
             in_flight = asyncio.ensure_future(http.post("/v1/generate", json=body | {"stream": True}))
-            while not pool.payloads:
+            while not pool.sent:
                 await asyncio.sleep(0.01)
             router = Ingress.__new__(Ingress)  # the deployment class's hook, over this front end
             router.frontend = pool.frontend
@@ -262,7 +262,7 @@ def test_draining_refuses_new_requests_with_a_retry_hint_and_lets_those_in_fligh
             finished = await in_flight
             router.reconfigure({"draining": False})
             after = await http.post("/v1/generate", json=body)
-            return refused, err.value, ready, health, finished, after, len(pool.payloads)
+            return refused, err.value, ready, health, finished, after, len(pool.sent)
 
     refused, rpc_error, ready, health, finished, after, sent = run(main())
     assert refused.status_code == 503 and refused.headers["retry-after"] == "5"

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from model.config import SamplerSettings
+from serving.request import GenerateRequest
 from serving.routing import Standing, horizon_cost, rank, request_steps
 
 
 def test_request_steps_is_canvases_times_the_step_cap():
-    payload = {"max_new_tokens": 40, "settings": {"max_denoising_steps": 8}}
-    assert request_steps(payload, canvas_length=16) == 3 * 8
+    request = GenerateRequest([2, 5], 40, SamplerSettings(max_denoising_steps=8))
+    assert request_steps(request, canvas_length=16) == 3 * 8
 
 
 def test_horizon_cost_counts_the_row_steps_a_request_would_share():
