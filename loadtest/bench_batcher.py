@@ -6,7 +6,7 @@ The workload is open-loop: Poisson arrivals at `--rate` requests/s, step caps 4,
 canvases each, random prompts; fixed steps and no EOS, so every contender does exactly the same denoising
 work. The contenders run one after another on the same arrival schedule (each replays it from its own start):
 
-1. ours: serving.engine.Engine, continuous batching at step granularity (`--slots` requests live at once);
+1. ours: serving.replica.engine.Engine, continuous batching at step granularity (`--slots` requests live at once);
 2. static: request batching in the style of Ray Serve's `@serve.batch` (a batch forms from the queue when
    `--max-batch` requests wait or `--batch-wait-s` has passed since the first, then runs until all its requests
    finish; arrivals meanwhile wait), on the same denoiser, in two flavours:
@@ -45,7 +45,7 @@ from model.config import DTYPE_NAMES, SamplerSettings, TextConfig, canvas_count
 from model.denoiser import Denoiser, Request
 from model.presets import PRESETS, preset, random_hf_model
 from model.weights import from_state_dict
-from serving.engine import Engine
+from serving.replica.engine import Engine
 from serving.request import GenerateRequest
 
 
@@ -53,12 +53,12 @@ from serving.request import GenerateRequest
 class Item:
     arrival_s: float
     prompt: list[int]
-    cap: int
+    step_cap: int
     max_new_tokens: int
     seed: int
 
     def settings(self) -> SamplerSettings:
-        return SamplerSettings(max_denoising_steps=self.cap, confidence_threshold=None)
+        return SamplerSettings(max_denoising_steps=self.step_cap, confidence_threshold=None)
 
 
 @dataclass(frozen=True)
@@ -191,7 +191,7 @@ def sequential(hf, items: list[Item], pad: int) -> list[Done]:
         r = hf.generate(
             torch.tensor([it.prompt]),
             max_new_tokens=it.max_new_tokens,
-            max_denoising_steps=it.cap,
+            max_denoising_steps=it.step_cap,
             confidence_threshold=None,
             eos_token_id=None,
             pad_token_id=pad,

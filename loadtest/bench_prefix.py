@@ -33,7 +33,7 @@ from model.config import DTYPE_NAMES, SamplerSettings, TextConfig
 from model.denoiser import Denoiser
 from model.presets import PRESETS, preset, random_hf_model
 from model.weights import from_state_dict
-from serving.engine import Engine
+from serving.replica.engine import Engine
 from serving.request import CanvasEvent, GenerateRequest
 
 

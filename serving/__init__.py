@@ -1,13 +1,11 @@
-"""Everything about requests; `model/` never imports from here. Data flow, top to bottom:
+"""Everything about requests; `model/` never imports from here. Two wings over one contract:
 
-    http_server.py / grpc_server.py   one module per protocol: bodies (protocol.py) in, wire format out
-    frontend.py                       transport-free: tier, tokenize, open the stream, events -> text, request ids
-    ingress.py, routing.py, app.py    Serve: the ingress deployment, the step-aware replica choice, the builder
-    replica.py                        the Denoiser deployment: one engine per GPU
-    engine.py                         the loop, worker thread, events and metrics (metrics.py)
-    scheduler.py, runner.py           who runs next and every phase change; the forwards of one plan
-    request.py, config.py, sampling.py  the engine's messages; tiers, pools and limits; the sampler's knobs
+    request.py     the contract both wings import: the typed request, events, refusals and errors
+    ingress/       the front door (Serve's Ingress deployment): HTTP and gRPC in, tiers, tokens, text out
+    replica/       one per GPU (Serve's Denoiser deployments): the engine, its scheduler and model runner
+    config.py, sampling.py   the deploy config (tiers, pools, limits) and the tiers' sampler settings
+    app.py, routing.py, autoscaling.py, metrics.py   the Serve application: its builder, which replica of a pool
+                   takes a request, how a pool scales, the Prometheus metrics
 
-Ray-free: everything but ingress.py, routing.py, app.py. Torch-free: everything but replica.py, engine.py and
-runner.py, so the ingress never loads torch.
+The ingress imports neither torch nor the replica's modules; the replica imports nothing of the ingress.
 """

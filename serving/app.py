@@ -3,8 +3,8 @@
 import_path: serving.app:build
 args: {model: embedded, default_tier: balanced, tiers: {...}, pools: {...}}
 
-The deployment classes are plain (serving/replica.py, serving/ingress.py); Serve's decorators are applied
-here, so importing them starts nothing and the ingress can be run in-process.
+The deployment classes are plain (serving/replica/deployment.py, serving/ingress/deployment.py); Serve's
+decorators are applied here, so importing them starts nothing and the ingress can be run in-process.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from ray.serve import Application
 from ray.serve.config import RequestRouterConfig
 
 from serving.config import AppConfig
-from serving.ingress import Ingress
+from serving.ingress.deployment import Ingress
 from serving.routing import StepAwareRouter
 
 # Requests a replica takes at once before Serve backs off: well above slots + max_queue, so that the engine's
@@ -23,7 +23,7 @@ MAX_ONGOING = 1024
 
 
 def build(args: dict) -> Application:
-    from serving.replica import DenoiserServer  # imports torch: only the builder and the replicas need it
+    from serving.replica.deployment import DenoiserServer  # imports torch: only the builder and the replicas need it
 
     config = AppConfig(**args)
     denoiser = serve.deployment(DenoiserServer, max_ongoing_requests=MAX_ONGOING)

@@ -2,7 +2,7 @@
 
 Serve's default autoscaler compares ongoing requests with `target_ongoing_requests`, but one 16-canvas quality
 request outweighs many 1-canvas fast ones. Each Denoiser replica reports its engine's work through
-`record_autoscaling_stats` (serving/replica.py): outstanding denoising steps and live canvases. This policy
+`record_autoscaling_stats` (serving/replica/deployment.py): outstanding denoising steps and live canvases. This policy
 sums the chosen one over the pool's replicas (each averaged over Serve's look-back window) and asks for as many
 replicas as that sum over the per-replica target. Serve applies the pool's min/max bounds and its up/down
 delays around it (a custom policy gets them from `_apply_autoscaling_config`), so the delays in the config keep

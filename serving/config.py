@@ -100,7 +100,7 @@ class Pool(Strict):
     # the most of max_queue one tier may hold where tiers share the pool (the rest stays open to the others)
     tier_queue_share: float = Field(1.0, gt=0, le=1)
     # bound on admitted requests' latency under overload: a replica holds (live and queued) only as many
-    # requests as keep each within this factor of its time alone, measured (serving/latency_cap.py); more get
+    # requests as keep each within this factor of its time alone, measured (serving/replica/latency_bound.py); more get
     # 429. None: slots and max_queue alone (the most throughput; under overload the latency grows with the batch)
     max_slowdown: float | None = Field(None, gt=1)
     max_batch_rows: int | None = Field(None, ge=1)
@@ -145,7 +145,7 @@ class Pool(Strict):
 
 
 class Auth(Strict):
-    """API keys (serving/auth.py): where they are, never the keys themselves, and per-key limits."""
+    """API keys (serving/ingress/auth.py): where they are, never the keys themselves, and per-key limits."""
 
     keys_env: str | None = None  # an environment variable holding the keys, one per line (`id:key` or `key`)
     keys_file: str | None = None  # or a file holding them

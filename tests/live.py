@@ -13,9 +13,9 @@ import uvicorn
 
 from loadtest.serve_run import free_port
 from serving.config import AppConfig
-from serving.frontend import Frontend, LocalPool
-from serving.http_server import http_app
-from serving.replica import local_replica
+from serving.ingress.frontend import Frontend, LocalPool
+from serving.ingress.http_server import http_app
+from serving.replica.deployment import local_replica
 
 
 @contextmanager

@@ -1,4 +1,4 @@
-"""API keys and per-key limits (serving/auth.py) on both protocols, and the HTTP body size limit, in-process
+"""API keys and per-key limits (serving/ingress/auth.py) on both protocols, and the HTTP body size limit, in-process
 over a real engine on the embedded model (tests/test_frontend.py's harness)."""
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from prometheus_client import CollectorRegistry
 from test_frontend import CHAT, run, service
 
 from protos.diffusiongemma.v1 import diffusion_pb2 as pb
-from serving.auth import KeyConfigError, KeyGate, Unauthenticated, parse_keys
 from serving.config import Auth
+from serving.ingress.auth import KeyConfigError, KeyGate, Unauthenticated, parse_keys
 from serving.request import InvalidRequest, Overloaded
 
 KEY_A = "sk-team-a-0123456789abcdef"

@@ -20,8 +20,8 @@ from test_frontend import ARGS
 from transformers import PreTrainedTokenizerFast
 
 from model.checkpoint import read_checkpoint
-from serving.chat_output import ChatOutput, Malformed, parse_call, special_strings
 from serving.config import AppConfig
+from serving.ingress.chat_output import ChatOutput, Malformed, parse_call, special_strings
 from serving.request import Accepted, CanvasEvent, FinalEvent, GenerateRequest, Usage
 
 TOOL_MARKERS = ["<|tool>", "<tool|>", "<|tool_call>", "<tool_call|>", "<|tool_response>", "<tool_response|>", '<|"|>']
@@ -225,7 +225,7 @@ def test_reasoning_and_tool_calls_stream_as_deltas(scripted):
 
 def test_thinking_is_off_unless_asked_for_and_the_deployment_default_turns_it_on(tok):
     config = AppConfig(**ARGS)
-    from serving.frontend import Frontend
+    from serving.ingress.frontend import Frontend
 
     messages = [{"role": "user", "content": "hi"}]
     off = Frontend(config, {}, tokenizer=tok).chat_prompt(messages)

@@ -17,7 +17,7 @@ from model.training.train import ENTROPY_BOUND
 from model.weights import load_network
 from protos.diffusiongemma.v1 import diffusion_pb2 as pb
 from serving.config import AppConfig
-from serving.protocol import ChatBody, CompletionBody, GenerateBody
+from serving.ingress.protocol import ChatBody, CompletionBody, GenerateBody
 from serving.sampling import OVERRIDE_NAMES, TierLimits, TierSampler
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"

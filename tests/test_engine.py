@@ -1,4 +1,4 @@
-"""The step-level batcher (serving/engine.py) on a tiny random checkpoint, in a real asyncio loop.
+"""The step-level batcher (serving/replica/engine.py) on a tiny random checkpoint, in a real asyncio loop.
 
 The reference for every output is the denoiser's own `generate` on the request alone: a request's tokens
 with a fixed seed must not depend on what it was batched with, when it joined, or who was cancelled.
@@ -16,7 +16,7 @@ from prometheus_client import CollectorRegistry
 from model.config import SamplerSettings
 from model.denoiser import Denoiser, Request
 from model.weights import load_network
-from serving.engine import Engine
+from serving.replica.engine import Engine
 from serving.request import CanvasEvent, DraftEvent, ErrorEvent, FinalEvent, GenerateRequest, InvalidRequest, Overloaded
 
 CONTEXT = 64
@@ -417,10 +417,10 @@ def test_a_second_request_under_a_live_id_is_refused(net):
     assert isinstance(final, FinalEvent) and isinstance(again, FinalEvent)
 
 
-def test_the_latency_cap_follows_the_cost_of_a_row():
-    from serving.latency_cap import LatencyCap
+def test_the_latency_bound_follows_the_cost_of_a_row():
+    from serving.replica.latency_bound import LatencyBound
 
-    cpu = LatencyCap(max_slowdown=2.0, slots=32)
+    cpu = LatencyBound(max_slowdown=2.0, slots=32)
     assert cpu.limit() == 32  # nothing measured yet
     cpu.observe(4, 0.05)
     assert cpu.limit() == 32  # one row count: no slope yet
@@ -428,25 +428,25 @@ def test_the_latency_cap_follows_the_cost_of_a_row():
         for _ in range(50):
             cpu.observe(rows, 0.01 + 0.01 * rows)  # a forward costs in proportion to its rows
     assert cpu.limit() == 3  # t(3) = 0.04 = 2 * t(1)
-    gpu = LatencyCap(max_slowdown=2.0, slots=32)
+    gpu = LatencyBound(max_slowdown=2.0, slots=32)
     for rows in (1, 4, 16, 32):
         gpu.observe(rows, 0.015 + 0.0001 * rows)  # a forward reads the weights once, whatever its rows
     assert gpu.limit() == 32
-    tight = LatencyCap(max_slowdown=1.01, slots=32)
+    tight = LatencyBound(max_slowdown=1.01, slots=32)
     for rows in (1, 2):
         tight.observe(rows, rows * 1.0)
     assert tight.limit() == 1  # never below one request
 
 
-def test_a_replica_at_its_latency_cap_refuses_with_a_retry_hint_and_routers_see_no_room(net):
+def test_a_replica_at_its_latency_bound_refuses_with_a_retry_hint_and_routers_see_no_room(net):
     C = net.config.canvas_length
 
     async def main():
         engine = make_engine(net, slots=4, max_queue=8, max_slowdown=2.0)
         for rows in (1, 2, 3, 4):  # as if measured: each row costs as much as a lone forward
             for _ in range(50):
-                engine.cap.observe(rows, 0.01 * rows)
-        assert engine.cap.limit() == 2
+                engine.latency_bound.observe(rows, 0.01 * rows)
+        assert engine.latency_bound.limit() == 2
         held = [
             engine.submit(GenerateRequest([2, 3], C, SamplerSettings(max_denoising_steps=2), seed=i)) for i in (1, 2)
         ]

@@ -24,10 +24,10 @@ from prometheus_client import CollectorRegistry
 from protos.diffusiongemma.v1 import diffusion_pb2 as pb
 from protos.diffusiongemma.v1 import diffusion_pb2_grpc as pb_grpc
 from serving.config import AppConfig
-from serving.frontend import Frontend, LocalPool
-from serving.grpc_server import DiffusionServicer
-from serving.http_server import http_app
-from serving.replica import local_replica
+from serving.ingress.frontend import Frontend, LocalPool
+from serving.ingress.grpc_server import DiffusionServicer
+from serving.ingress.http_server import http_app
+from serving.replica.deployment import local_replica
 from serving.request import FinalEvent, GenerateRequest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -243,7 +243,7 @@ def test_a_replica_lost_after_a_canvas_is_a_retryable_error():
 
 def test_draining_refuses_new_requests_with_a_retry_hint_and_lets_those_in_flight_finish():
     """What deploy/drain.py sets on every router replica (Ingress.reconfigure) before a shutdown."""
-    from serving.ingress import Ingress
+    from serving.ingress.deployment import Ingress
 
     async def main():
         async with service(fault="hold") as (http, stub, pool, _):
@@ -331,9 +331,9 @@ def test_the_ingress_imports_no_torch():
         "import sys, yaml\n"
         "from serving.app import build\n"
         "from serving.config import AppConfig\n"
-        "from serving.frontend import Frontend\n"
-        "from serving.http_server import http_app\n"
-        "from serving.ingress import Ingress\n"
+        "from serving.ingress.frontend import Frontend\n"
+        "from serving.ingress.http_server import http_app\n"
+        "from serving.ingress.deployment import Ingress\n"
         f"args = yaml.safe_load(open({str(ROOT / 'deploy' / 'config.yaml')!r}))['applications'][0]['args']\n"
         "frontend = Frontend(AppConfig(**args), {})\n"
         "http_app(frontend)\n"

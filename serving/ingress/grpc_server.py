@@ -1,9 +1,9 @@
 """gRPC over the front end: `diffusiongemma.v1.DiffusionService` (protos/diffusiongemma/v1/diffusion.proto).
 
 `DiffusionServicer(frontend)` serves a plain `grpc.aio` server as it is (tests run it so) and, through the
-ingress, Serve's gRPC proxy (serving/ingress.py). Serve turns any exception into INTERNAL, so errors are set
+ingress, Serve's gRPC proxy (serving/ingress/deployment.py). Serve turns any exception into INTERNAL, so errors are set
 on the context (code, details, trailers) and an empty message returned. `x-tier` and `x-request-id` may come
-as metadata, and `authorization: Bearer <key>` where the app asks for API keys (serving/auth.py).
+as metadata, and `authorization: Bearer <key>` where the app asks for API keys (serving/ingress/auth.py).
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from grpc_health.v1 import health_pb2
 from pydantic import ValidationError
 
 from protos.diffusiongemma.v1 import diffusion_pb2 as pb
-from serving.auth import Unauthenticated
-from serving.frontend import (
+from serving.ingress.auth import Unauthenticated
+from serving.ingress.frontend import (
     CanvasChunk,
     Controls,
     DoneChunk,
@@ -28,10 +28,10 @@ from serving.frontend import (
     ReplicaLost,
     Unavailable,
 )
-from serving.protocol import MAX_FREE
+from serving.ingress.protocol import MAX_FREE
+from serving.ingress.stop import check_stops
 from serving.request import InvalidRequest, Overloaded, Usage
 from serving.sampling import OVERRIDE_NAMES, SamplerOverrides
-from serving.stop import check_stops
 
 
 def usage_pb(u: Usage) -> pb.Usage:

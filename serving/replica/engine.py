@@ -5,8 +5,8 @@
     stream = engine.submit(GenerateRequest(prompt_ids, max_new_tokens=64, settings=..., seed=7))
     async for event in stream: ...                   # CanvasEvent / DraftEvent, then FinalEvent or ErrorEvent
 
-The loop is a few lines: the scheduler plans an iteration (serving/scheduler.py), the model runner carries it
-out on a worker thread (serving/runner.py; the event loop keeps taking submissions and cancels meanwhile), the
+The loop is a few lines: the scheduler plans an iteration (serving/replica/scheduler.py), the model runner carries it
+out on a worker thread (serving/replica/runner.py; the event loop keeps taking submissions and cancels meanwhile), the
 scheduler applies the outcome, and the engine turns its reports into events and metrics. The engine never
 changes a request's phase itself.
 """
@@ -24,8 +24,10 @@ from prometheus_client import CollectorRegistry
 
 from model.config import MAX_TOP_LOGPROBS, canvas_count
 from model.denoiser import Denoiser
-from serving.latency_cap import LatencyCap
 from serving.metrics import engine_metrics
+from serving.replica.latency_bound import LatencyBound
+from serving.replica.runner import ModelRunner
+from serving.replica.scheduler import Committed, Drafted, Failed, Finished, Job, Load, Outcome, Phase, Report, Scheduler
 from serving.request import (
     CanvasEvent,
     DraftEvent,
@@ -37,8 +39,6 @@ from serving.request import (
     Overloaded,
     Usage,
 )
-from serving.runner import ModelRunner
-from serving.scheduler import Committed, Drafted, Failed, Finished, Job, Load, Outcome, Phase, Report, Scheduler
 
 log = logging.getLogger("ray.serve")
 
@@ -106,14 +106,14 @@ class Engine:
         stuck_after_s: float = 120.0,
         max_slowdown: float | None = None,
     ):
-        """`row_buckets` pads every denoising forward up to the next listed row count (serving/runner.py);
-        `max_slowdown` caps the requests held by the latency they would see (serving/latency_cap.py)."""
+        """`row_buckets` pads every denoising forward up to the next listed row count (serving/replica/runner.py);
+        `max_slowdown` caps the requests held by the latency they would see (serving/replica/latency_bound.py)."""
         self.denoiser = denoiser
         self.runner = ModelRunner(denoiser, row_buckets)
         slots = self.runner.slots
         rows = min(max_batch_rows or slots, slots)
         self.scheduler = Scheduler(slots, rows, max_queue, max_prefill_tokens, tier_queue_share)
-        self.cap = LatencyCap(max_slowdown, slots) if max_slowdown is not None else None
+        self.latency_bound = LatencyBound(max_slowdown, slots) if max_slowdown is not None else None
         self.name = name
         self.stuck_after_s = stuck_after_s
         self.metrics = engine_metrics(registry)
@@ -157,7 +157,7 @@ class Engine:
             self.metrics.requests.labels(self.name, "rejected").inc()
             raise
         job = Job(request, self.denoiser.canvas_length)
-        limit = self.cap.limit() if self.cap is not None else None
+        limit = self.latency_bound.limit() if self.latency_bound is not None else None
         refused = self.scheduler.submit(job, limit)
         if refused is not None:
             self.metrics.requests.labels(self.name, "overloaded").inc()
@@ -197,11 +197,11 @@ class Engine:
         return True
 
     def load(self) -> Load:
-        """The scheduler's load; with a latency cap, the free slots the cap leaves (what routers read)."""
+        """The scheduler's load; with a latency bound, the free slots it leaves (what routers read)."""
         load = self.scheduler.load()
-        if self.cap is None:
+        if self.latency_bound is None:
             return load
-        room = max(0, self.cap.limit() - load.live_requests - load.queue_depth)
+        room = max(0, self.latency_bound.limit() - load.live_requests - load.queue_depth)
         return dataclasses.replace(load, free_slots=min(load.free_slots, room))
 
     def work(self) -> list[int]:
@@ -294,8 +294,8 @@ class Engine:
         self.iterations += 1
         self.busy_s += took
         self._iteration_s += 0.1 * (took - self._iteration_s)
-        if self.cap is not None:
-            self.cap.observe(rows, took)
+        if self.latency_bound is not None:
+            self.latency_bound.observe(rows, took)
         m = self.metrics
         if rows:
             m.batch_rows.labels(self.name).observe(rows)

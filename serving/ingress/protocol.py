@@ -24,9 +24,9 @@ from pydantic import (
 )
 
 from model.config import MAX_TOP_LOGPROBS
-from serving.frontend import Controls
+from serving.ingress.frontend import Controls
+from serving.ingress.stop import check_stops
 from serving.sampling import OVERRIDE_NAMES, SamplerOverrides
-from serving.stop import check_stops
 
 # OpenAI fields that exist but that this server does not implement, each with the values that mean "not used"
 # (accepted, and nothing changes); any other value is a 400 naming the field.

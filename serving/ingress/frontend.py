@@ -38,8 +38,9 @@ from prometheus_client import CollectorRegistry
 
 from model.chat import chat_ids, prompt_ids, text_ids
 from model.checkpoint import read_checkpoint
-from serving.auth import Grant, KeyGate, KeyLimited, Unauthenticated
 from serving.config import AppConfig
+from serving.ingress.auth import Grant, KeyGate, KeyLimited, Unauthenticated
+from serving.ingress.stop import StopStrings
 from serving.metrics import frontend_metrics
 from serving.request import (
     Accepted,
@@ -53,7 +54,6 @@ from serving.request import (
     Refusal,
     Usage,
 )
-from serving.stop import StopStrings
 
 REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 log = logging.getLogger("ray.serve")
@@ -93,7 +93,7 @@ class ReplicaLost(EngineFailure):
 
 
 class PoolClient(Protocol):
-    """How the front end reaches the replicas of one pool (serving/ingress.py: through Serve; LocalPool: one
+    """How the front end reaches the replicas of one pool (serving/ingress/deployment.py: through Serve; LocalPool: one
     replica object in this process)."""
 
     def generate(self, request: GenerateRequest) -> AsyncIterator[Any]: ...
@@ -334,9 +334,9 @@ class Frontend:
         """Send the request to a replica of its tier's pool and wait until it is accepted (slot or queue
         place). Refusals raise here, before any reply is started; `protocol` labels the metrics; `key_id` (from
         `authenticate`) is charged against its key's limits. `logprobs`: None, or k for each committed token's
-        log-probability and its top k alternatives'; `stop`: strings that end the answer (serving/stop.py);
+        log-probability and its top k alternatives'; `stop`: strings that end the answer (serving/ingress/stop.py);
         `special_tokens`: the text keeps them (a chat answer's channel and tool-call markers,
-        serving/chat_output.py); `template`: the answer's fixed tokens, -1 where the sampler fills."""
+        serving/ingress/chat_output.py); `template`: the answer's fixed tokens, -1 where the sampler fills."""
         started = time.perf_counter()
         name = controls.tier or header_tier or self.config.default_tier
         try:

@@ -1,8 +1,8 @@
 """OpenAI's reply objects built from the front end's chunks: choices, deltas, log-probabilities and usage.
 
 One request with `n` choices is n engine requests; each choice keeps its own state (`Choice`) while the route
-(serving/http_server.py) merges their chunks. Chat answers are split into reasoning, content and tool calls by
-serving/chat_output.py; completions are text as is.
+(serving/ingress/http_server.py) merges their chunks. Chat answers are split into reasoning, content and tool calls by
+serving/ingress/chat_output.py; completions are text as is.
 """
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from serving.chat_output import ChatOutput, Delta
-from serving.frontend import Opened
+from serving.ingress.chat_output import ChatOutput, Delta
+from serving.ingress.frontend import Opened
 from serving.request import Usage
 
 OPENAI_FINISH = {"eos": "stop"}  # the engine's "length", "stop" and "cancelled" keep their names

@@ -68,7 +68,7 @@ class Job:
         return self.request.request_id
 
     @property
-    def cap(self) -> int:
+    def step_cap(self) -> int:
         return self.request.settings.max_denoising_steps
 
     @property
@@ -78,7 +78,7 @@ class Job:
     def steps_left(self) -> int:
         """Denoising steps still to run at most (adaptive stopping may need fewer)."""
         canvases_after = self.canvases_total - self.canvas_index - 1
-        return max(0, self.cap - self.steps_taken) + canvases_after * self.cap
+        return max(0, self.step_cap - self.steps_taken) + canvases_after * self.step_cap
 
 
 @dataclass(frozen=True)
@@ -297,7 +297,7 @@ class Scheduler:
 
     def work(self) -> list[int]:
         """Denoising steps left per request, live ones then queued ones (upper bounds: adaptive stop)."""
-        return [j.steps_left() for j in self.live.values()] + [j.canvases_total * j.cap for j in self.queue]
+        return [j.steps_left() for j in self.live.values()] + [j.canvases_total * j.step_cap for j in self.queue]
 
     def load(self) -> Load:
         return Load(

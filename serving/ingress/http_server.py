@@ -2,7 +2,7 @@
 /v1/generate, /v1/models, /health and /ready (docs/api.md has every field and status code).
 
 `http_app(frontend)` builds the FastAPI app; under Serve the ingress builds it in its replica
-(serving/ingress.py), and tests can call it in-process. A request's id is its `x-request-id` header: Serve's
+(serving/ingress/deployment.py), and tests can call it in-process. A request's id is its `x-request-id` header: Serve's
 proxy gives every HTTP request one (the client's, or a new UUID) and echoes it in the reply; outside Serve the
 `RequestIds` middleware does the same, so the app itself never writes the header (under Serve it would then
 appear twice). That id is the engine's. Errors are OpenAI-style JSON:
@@ -27,9 +27,9 @@ from starlette.datastructures import Headers, MutableHeaders
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from serving.auth import Unauthenticated
-from serving.chat_output import CALL_OPEN, ChatOutput, special_strings
-from serving.frontend import (
+from serving.ingress.auth import Unauthenticated
+from serving.ingress.chat_output import CALL_OPEN, ChatOutput, special_strings
+from serving.ingress.frontend import (
     Answer,
     CanvasChunk,
     Chunk,
@@ -44,7 +44,7 @@ from serving.frontend import (
     Unavailable,
     new_request_id,
 )
-from serving.openai_format import (
+from serving.ingress.openai_format import (
     Choice,
     TokenText,
     chat_delta,
@@ -53,7 +53,7 @@ from serving.openai_format import (
     openai_usage,
     summed_usage,
 )
-from serving.protocol import ChatBody, CompletionBody, GenerateBody, OpenAIOptions, StreamOptions
+from serving.ingress.protocol import ChatBody, CompletionBody, GenerateBody, OpenAIOptions, StreamOptions
 from serving.request import InvalidRequest, Overloaded
 
 _ERROR_TYPES = {
@@ -518,7 +518,7 @@ def http_app(frontend: Frontend, assign_request_ids: bool = True) -> FastAPI:
 
     @app.get("/playground", include_in_schema=False)
     async def playground() -> HTMLResponse:
-        """A page that streams one request's drafts: the canvas denoising live (serving/playground/)."""
+        """A page that streams one request's drafts: the canvas denoising live (serving/ingress/playground/)."""
         return HTMLResponse(PLAYGROUND.read_text())
 
     @app.get("/health")

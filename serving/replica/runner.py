@@ -23,7 +23,7 @@ import torch
 
 from model.config import SamplerSettings
 from model.denoiser import Denoiser
-from serving.scheduler import Job, Outcome, Phase, Plan, StepOutcome
+from serving.replica.scheduler import Job, Outcome, Phase, Plan, StepOutcome
 
 # The scratch slot only pads row buckets: one step per canvas, no adaptive stop.
 _SCRATCH_SETTINGS = SamplerSettings(max_denoising_steps=1, confidence_threshold=None)

@@ -4,10 +4,10 @@ batching ever more rows.
 
 A request's time is its denoising steps times the iteration time of the batches it rides in. The engine records
 every iteration's wall time by its row count (a moving average per count) and fits t(rows) = a + b * rows; a
-request alone takes steps * t(1), among B rows steps * t(B), so the cap is the largest B with
+request alone takes steps * t(1), among B rows steps * t(B), so the bound is the largest B with
 t(B) <= max_slowdown * t(1). On a GPU, where a forward costs about the same for 1 row as for 32 (it reads the
-weights once), b is near zero and the cap is every slot; on a CPU, where a forward costs in proportion to its
-rows, it is a few. Until two row counts have been seen the cap is every slot.
+weights once), b is near zero and the bound is every slot; on a CPU, where a forward costs in proportion to its
+rows, it is a few. Until two row counts have been seen the bound is every slot.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import math
 EMA = 0.1  # weight of the newest iteration in its row count's average
 
 
-class LatencyCap:
+class LatencyBound:
     def __init__(self, max_slowdown: float, slots: int):
         self.max_slowdown = max_slowdown
         self.slots = slots

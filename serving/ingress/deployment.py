@@ -17,9 +17,9 @@ from ray.serve.handle import DeploymentHandle
 
 from protos.diffusiongemma.v1 import diffusion_pb2 as pb
 from serving.config import AppConfig
-from serving.frontend import Frontend
-from serving.grpc_server import DiffusionServicer, HealthService
-from serving.http_server import http_app
+from serving.ingress.frontend import Frontend
+from serving.ingress.grpc_server import DiffusionServicer, HealthService
+from serving.ingress.http_server import http_app
 from serving.request import GenerateRequest
 
 
