@@ -1,7 +1,8 @@
-"""Benchmarks and load tests; each prints one JSON object as its last line (docs/benchmarks.md has the figures).
+"""Load and faults: the locust file and what tests and drills share to drive `serve run`.
 
-- `python -m loadtest.bench_denoiser`: our denoiser against transformers' generate, same weights;
-- `python -m loadtest.bench_batcher`: the step-level batcher against static batching and sequential transformers;
-- `python -m loadtest.evaluate_tiers`: each deploy tier's accuracy and speed on the embedded model;
-- `python -m loadtest.plot_tradeoff`: the accuracy / tokens-per-second picture of the README.
+- locustfile.py: OpenAI, native and gRPC users with answers checked (`locust -f loadtest/locustfile.py`);
+- serve_run.py: `serve run` of a config on a local Ray, ports and teardown; local_cluster.py: a multi-node one;
+- hostile.py: generated hostile requests for both protocols;
+- drills/: reliability (overload, replica and ingress kills, hostile input), gcs_outage (the head's GCS killed),
+  eviction (a GPU worker's node drained by deploy/node_drain.py), each one JSON line.
 """

@@ -1,6 +1,6 @@
 """Hostile input, as hypothesis strategies: HTTP bodies (JSON with wrong types, unknown fields, huge integers,
 NaN and infinities, damaged bytes and invalid UTF-8), headers, and gRPC messages and metadata. Shared by the
-fuzz tests (tests/test_fuzz.py, in-process) and the reliability run (loadtest/reliability.py, through Serve's
+fuzz tests (tests/test_fuzz.py, in-process) and the reliability run (loadtest/drills/reliability.py, through Serve's
 proxies)."""
 
 from __future__ import annotations

@@ -1,10 +1,10 @@
-"""The benchmarks' own arithmetic (loadtest/report.py, loadtest/bench_serve.py): percentiles, the paired
+"""The benchmarks' own arithmetic (bench/report.py, bench/bench_serve.py): percentiles, the paired
 time-to-first-canvas difference and the per-request split read from Serve's access log."""
 
 from __future__ import annotations
 
-from loadtest.bench_serve import Done, Item, paired_added_ms, replica_split
-from loadtest.report import percentile
+from bench.bench_serve import Done, Item, paired_added_ms, replica_split
+from bench.report import percentile
 
 
 def test_percentile_is_a_measured_value_by_nearest_rank():

@@ -51,7 +51,7 @@ def test_generate_rejects_bad_arguments(window, tmp_path):
 
 
 def test_bench_prints_one_json_line_last():
-    proc = run("loadtest.bench_denoiser", "--preset", "tiny", "--batch", "2", "--steps", "2", "--repeats", "1")
+    proc = run("bench.bench_denoiser", "--preset", "tiny", "--batch", "2", "--steps", "2", "--repeats", "1")
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     for key in ("preset", "batch", "steps", "ours_tokens_per_s", "transformers_tokens_per_s", "speedup"):

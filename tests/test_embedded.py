@@ -93,8 +93,8 @@ def test_evaluate_reports_the_accuracy_bars_on_the_shipped_checkpoint(capsys):
 
 
 def test_the_tradeoff_picture_is_drawn_from_the_evaluations(tmp_path, capsys):
-    """loadtest.plot_tradeoff reads the last JSON line of model.training.evaluate and loadtest.evaluate_tiers."""
-    from loadtest import evaluate_tiers, plot_tradeoff
+    """bench.plot_tradeoff reads the last JSON line of model.training.evaluate and bench.evaluate_tiers."""
+    from bench import evaluate_tiers, plot_tradeoff
 
     evaluate.main(["--caps", "2,16"])
     (tmp_path / "evaluate.txt").write_text(capsys.readouterr().out)

@@ -17,7 +17,7 @@ import httpx
 import pytest
 import yaml
 
-from loadtest.reliability import DEADLINE_S, http_stream, recovered_after, under_load
+from loadtest.drills.reliability import DEADLINE_S, http_stream, recovered_after, under_load
 from loadtest.serve_run import App, shipped_config
 
 ROOT = Path(__file__).resolve().parent.parent

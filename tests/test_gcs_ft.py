@@ -1,4 +1,4 @@
-"""The head may die: `python -m loadtest.gcs_outage` kills the GCS by its PID under load on a local two-node Ray
+"""The head may die: `python -m loadtest.drills.gcs_outage` kills the GCS by its PID under load on a local two-node Ray
 cluster with GCS fault tolerance on a Redis server it starts (Debian's redis-server), then starts the GCS again.
 The load goes through the worker node's proxy, and no replica runs on the head. Every request sent before, during
 and after the outage is answered, and Serve's application is RUNNING after the restart."""
@@ -19,7 +19,7 @@ pytestmark = pytest.mark.slow
 
 def test_requests_keep_succeeding_while_the_gcs_is_down_and_serve_state_survives():
     run = subprocess.run(
-        [sys.executable, "-m", "loadtest.gcs_outage", "--outage-s", "8", "--before-s", "2", "--after-s", "4"],
+        [sys.executable, "-m", "loadtest.drills.gcs_outage", "--outage-s", "8", "--before-s", "2", "--after-s", "4"],
         cwd=ROOT, env=os.environ | {"RAY_AUTH_MODE": "disabled"}, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert run.returncode == 0, run.stderr[-3000:]

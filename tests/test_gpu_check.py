@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from loadtest.gpu_check import main
+from bench.gpu_check import main
 from model.config import SamplerSettings, TextConfig
 from model.denoiser import Denoiser, Request
 from model.kernels import resolve

@@ -1,4 +1,4 @@
-"""`python -m loadtest.reliability` as documented, shortened: its overload and hostile-input scenarios through
+"""`python -m loadtest.drills.reliability` as documented, shortened: its overload and hostile-input scenarios through
 `serve run` (its own app: two replicas, a latency bound), and the one JSON line it ends with."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.mark.slow
 def test_the_reliability_run_reports_overload_and_hostile_input_without_a_server_error():
-    cmd = [sys.executable, "-m", "loadtest.reliability", "--scenarios", "overload,fuzz",
+    cmd = [sys.executable, "-m", "loadtest.drills.reliability", "--scenarios", "overload,fuzz",
            "--phase-s", "6", "--overload-s", "10", "--fuzz", "40"]  # fmt: skip
     run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]

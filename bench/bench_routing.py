@@ -1,6 +1,6 @@
 """Routing across the replicas of one pool: the step-aware request router against Serve's default, measured.
 
-    python -m loadtest.bench_routing [--preset mid] [--requests 120] [--rate 0.8] [--quality-share 0.15]
+    python -m bench.bench_routing [--preset mid] [--requests 120] [--rate 0.8] [--quality-share 0.15]
 
 Two CPU replicas of one pool (one torch thread each) behind `serve run`, and a skewed open-loop workload:
 Poisson arrivals, most of them 1-canvas `fast` requests (2 steps per canvas), among multi-canvas `quality`
@@ -23,8 +23,8 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from loadtest.bench_serve import Done, Item, app_args, over_http, serve_config, workload
-from loadtest.report import machine, percentile
+from bench.bench_serve import Done, Item, app_args, over_http, serve_config, workload
+from bench.report import machine, percentile
 from loadtest.serve_run import ServeRun
 
 TIER_STEPS = {"fast": 2, "quality": 8}

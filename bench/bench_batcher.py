@@ -1,6 +1,6 @@
 """Our step-level batcher against static request batching and sequential transformers, one workload.
 
-    python -m loadtest.bench_batcher [--preset mid] [--requests 24] [--rate 1.0] [--dtype bfloat16]
+    python -m bench.bench_batcher [--preset mid] [--requests 24] [--rate 1.0] [--dtype bfloat16]
 
 The workload is open-loop: Poisson arrivals at `--rate` requests/s, step caps 4, 8 and 16 mixed, one or two
 canvases each, random prompts; fixed steps and no EOS, so every contender does exactly the same denoising

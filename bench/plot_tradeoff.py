@@ -1,8 +1,8 @@
 """The accuracy / tokens-per-second trade-off against the step cap, with the deploy config's tiers marked.
 
-    python -m loadtest.plot_tradeoff [--evaluate FILE --tiers FILE] [--out docs/tradeoff.png]
+    python -m bench.plot_tradeoff [--evaluate FILE --tiers FILE] [--out docs/tradeoff.png]
 
-FILE is the output of `python -m model.training.evaluate` or `python -m loadtest.evaluate_tiers` (their last line
+FILE is the output of `python -m model.training.evaluate` or `python -m bench.evaluate_tiers` (their last line
 is the JSON read here); without them, both run now on the embedded model (about 30 s here). Left: accuracy and
 tokens/s at each fixed step cap, the tiers' caps marked. Right: accuracy against tokens/s, fixed caps as a
 curve, each tier (adaptive stop included) as a point.
@@ -83,7 +83,7 @@ def plot(evaluate: dict, tiers: dict, out: Path) -> Path:
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--evaluate", type=Path, help="output of python -m model.training.evaluate")
-    ap.add_argument("--tiers", type=Path, help="output of python -m loadtest.evaluate_tiers")
+    ap.add_argument("--tiers", type=Path, help="output of python -m bench.evaluate_tiers")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = ap.parse_args(argv)
 
@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.tiers:
         tiers = last_json(args.tiers.read_text())
     else:
-        from loadtest.evaluate_tiers import main as tiers_main
+        from bench.evaluate_tiers import main as tiers_main
 
         tiers = run_quietly(tiers_main)
     out = plot(evaluate, tiers, args.out)

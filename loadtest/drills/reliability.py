@@ -2,9 +2,9 @@
 embedded model; its pool at 8 slots and 8 queue places per replica of one thread, with a latency bound of 2x),
 loopback only, bounded (about 8 minutes on 2 cores).
 
-    python -m loadtest.reliability                          # every scenario
-    python -m loadtest.reliability --overload-s 60 --fuzz 400 --scenarios overload,fuzz
-    python -m loadtest.reliability --scenarios overload --overload-mix fast:3,balanced:2,quality:1/short:3,long:1
+    python -m loadtest.drills.reliability                          # every scenario
+    python -m loadtest.drills.reliability --overload-s 60 --fuzz 400 --scenarios overload,fuzz
+    python -m loadtest.drills.reliability --scenarios overload --overload-mix fast:3,balanced:2,quality:1/short:3,long:1
 
 Scenarios, in order:
 - overload (one replica): locust (loadtest/locustfile.py, native HTTP and gRPC users; quality answers to long
@@ -45,7 +45,7 @@ import grpc
 import httpx
 import psutil
 
-from loadtest.report import machine, percentile
+from bench.report import machine, percentile
 from loadtest.serve_run import ROOT, App, ServeRun, shipped_config
 from protos.diffusiongemma.v1 import diffusion_pb2 as pb
 from protos.diffusiongemma.v1 import diffusion_pb2_grpc as pb_grpc

@@ -1,6 +1,6 @@
 """Accuracy and speed of each tier of a deploy config on the embedded model's held-out tasks.
 
-    python -m loadtest.evaluate_tiers [--config deploy/config.yaml] [--seed 0]
+    python -m bench.evaluate_tiers [--config deploy/config.yaml] [--seed 0]
 
 Runs every held-out prompt (model/training/tasks.py) through our denoiser with each tier's sampler settings, as the
 tier's replicas would, and prints a table and, as the last line, one JSON object. tokens/s is the answer

@@ -1,7 +1,7 @@
-"""The released model's shape on one GPU, in stages, most valuable first; run by deploy/gpu_check.sh.
+"""The released model's shape on one GPU, in stages, most valuable first; run by bench/gpu_check.sh.
 
-    python -m loadtest.gpu_check --out DIR [--formats fp8,int4,dense] [--stages graphed,kernels,compiled,...]
-    python -m loadtest.gpu_check --preset tiny --device cpu --out DIR ...   # the script's own test, on a CPU
+    python -m bench.gpu_check --out DIR [--formats fp8,int4,dense] [--stages graphed,kernels,compiled,...]
+    python -m bench.gpu_check --preset tiny --device cpu --out DIR ...   # the script's own test, on a CPU
 
 Stages (each skipped, and saying so, when `--budget-s` would not hold it):
 1. graphed: our denoiser with every step replayed as a CUDA graph of the eager kernels (no compile), per weight
@@ -11,7 +11,7 @@ Stages (each skipped, and saying so, when `--budget-s` would not hold it):
    denoising forward, prefill, first draft and first canvas (a `--prompt-len` prompt, and a 4,096-token one),
    device memory (weights, peak); a profiler table of one replay (the 15 kernels with the most device time, and
    the wall time no kernel covers); the logits of one forward, for the quantized formats' error against dense.
-2. kernels: loadtest/bench_kernels.py on the same shapes (the Triton experts and attention against torch's).
+2. kernels: bench/bench_kernels.py on the same shapes (the Triton experts and attention against torch's).
 3. compiled: fp8 with torch.compile regions under the graphs, at `--compiled-batches`; recompiles logged
    (TORCH_LOGS=recompiles), compile seconds, graphs built, and the compile cache (torch.compiler.
    save_cache_artifacts) written beside the results.
@@ -37,8 +37,8 @@ from typing import Any
 
 import torch
 
-from loadtest import bench_kernels
-from loadtest.bench_denoiser import sync, timed
+from bench import bench_kernels
+from bench.bench_denoiser import sync, timed
 from model.config import SamplerSettings, TextConfig
 from model.denoiser import Denoiser, Request
 from model.kernels import resolve

@@ -1,6 +1,6 @@
 """The head may die: the GCS killed by its PID under load, on a local Ray cluster with GCS fault tolerance on Redis.
 
-    python -m loadtest.gcs_outage [--outage-s 10] [--rate 5]     # needs redis-server (Debian's package)
+    python -m loadtest.drills.gcs_outage [--outage-s 10] [--rate 5]     # needs redis-server (Debian's package)
 
 What KubeRay's `gcsFaultToleranceOptions` gives a RayService (deploy/kuberay/README.md), shown on one machine. A
 Redis server is started on a free loopback port and a two-node Ray cluster (Ray's own cluster_utils: two raylets)

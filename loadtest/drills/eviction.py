@@ -1,7 +1,7 @@
 """A GPU worker evicted under load, shown on one machine: the preStop hook (deploy/node_drain.py) drains its Ray node,
 Serve moves the replica, and only then is the node killed.
 
-    python -m loadtest.node_drain [--workers 6] [--before-s 3] [--after-s 5]
+    python -m loadtest.drills.eviction [--workers 6] [--before-s 3] [--after-s 5]
 
 A local Ray cluster of three nodes (Ray's own cluster_utils: separate raylets on one machine) stands in for a
 KubeRay cluster: a head with no CPUs for replicas (it runs Serve's controller and the HTTP proxy, as the head pod
@@ -32,8 +32,8 @@ from collections import Counter
 import httpx
 import yaml
 
+from loadtest.drills.reliability import DEADLINE_S, http_stream, http_unary
 from loadtest.local_cluster import local_cluster
-from loadtest.reliability import DEADLINE_S, http_stream, http_unary
 from loadtest.serve_run import ROOT, free_port
 
 DENOISER = "ServeReplica:diffusiongemma:Denoiser-cpu"

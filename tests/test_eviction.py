@@ -1,4 +1,4 @@
-"""A GPU worker's eviction, on a local three-node Ray cluster (loadtest/node_drain.py): the preStop hook's drain
+"""A GPU worker's eviction, on a local three-node Ray cluster (loadtest/drills/eviction.py): the preStop hook's drain
 (deploy/node_drain.py) moves the Denoiser replica to the other worker node while clients keep several streams and
 unary requests in flight, then the drained node is killed; every request is answered."""
 
@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import pytest
 
-from loadtest import node_drain
+from loadtest.drills import eviction
 
 pytestmark = pytest.mark.slow  # a three-node cluster, a replica moved: about a minute
 
 
 def test_a_drained_node_hands_its_replica_over_without_losing_a_request():
-    result = node_drain.main(["--workers", "6", "--before-s", "3", "--after-s", "5", "--deadline-s", "90"])
+    result = eviction.main(["--workers", "6", "--before-s", "3", "--after-s", "5", "--deadline-s", "90"])
     windows = [result["before"], result["during"], result["after"]]
     outcomes = {outcome.split(" ", 1)[1] for window in windows for outcome in window}
     assert outcomes == {"answered"}, result

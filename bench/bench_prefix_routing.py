@@ -1,7 +1,7 @@
 """Prefix-aware routing across two replicas: the prefix cache's hit rate and time to first canvas, with the router
 preferring the replica that holds a request's prompt start against the same step-aware router without it.
 
-    python -m loadtest.bench_prefix_routing [--preset mid] [--systems 6] [--system-tokens 512] [--requests 96]
+    python -m bench.bench_prefix_routing [--preset mid] [--systems 6] [--system-tokens 512] [--requests 96]
 
 Two CPU replicas of one pool (one torch thread each) behind `serve run`. Each request is one of `--systems`
 system prompts followed by a short question (8 to 32 tokens), answered in one canvas of 2 steps, arriving open
@@ -27,8 +27,8 @@ from pathlib import Path
 
 import httpx
 
-from loadtest.bench_serve import app_args, generate_stream, serve_config
-from loadtest.report import machine, percentile
+from bench.bench_serve import app_args, generate_stream, serve_config
+from bench.report import machine, percentile
 from loadtest.serve_run import ServeRun
 
 STEPS = 2

@@ -1,7 +1,7 @@
 """What the Serve path costs: one open-loop workload through the engine in-process, Serve's HTTP proxy and its
 gRPC proxy, with the same model and replica settings.
 
-    python -m loadtest.bench_serve [--preset mid] [--dtype bfloat16] [--requests 24] [--rate 0.5]
+    python -m bench.bench_serve [--preset mid] [--dtype bfloat16] [--requests 24] [--rate 0.5]
 
 The model is a random checkpoint of the preset, saved to a folder (config, safetensors, a word-level
 tokenizer) and loaded by path, as a released model is. The workload: Poisson arrivals at `--rate` requests/s,
@@ -38,7 +38,7 @@ from pathlib import Path
 import grpc
 import httpx
 
-from loadtest.report import machine, percentile
+from bench.report import machine, percentile
 from loadtest.serve_run import ServeRun, shipped_config
 from protos.diffusiongemma.v1 import diffusion_pb2 as pb
 from protos.diffusiongemma.v1 import diffusion_pb2_grpc as pb_grpc

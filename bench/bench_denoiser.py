@@ -6,7 +6,7 @@ both run exactly the same forwards. transformers is called as its users call it 
 (`confidence_threshold=None`, default cache and attention). Timings are medians of interleaved repeats after one
 warm-up call each. The last line printed is one JSON object.
 
-    python -m loadtest.bench_denoiser --preset mid --batch 1 --dtype bfloat16 [--weights dense,fp8,int4]
+    python -m bench.bench_denoiser --preset mid --batch 1 --dtype bfloat16 [--weights dense,fp8,int4]
 
 `--weights` lists weight formats (model/quant.py) to run side by side; "ours" is the first of them, and each
 gets its tokens/s (and its peak device memory on a GPU) under `by_weights`.

@@ -1,6 +1,6 @@
 """The Triton kernels against the torch code they replace, on one layer of a model's shapes; JSON lines.
 
-    python -m loadtest.bench_kernels [--preset full] [--tokens 256,1024,4096] [--formats dense,fp8,int4]
+    python -m bench.bench_kernels [--preset full] [--tokens 256,1024,4096] [--formats dense,fp8,int4]
         [--attention-rows 1,16] [--context 4096] [--device cuda]
 
 - experts: model/kernels/moe.py's fused_experts against moe.torch_experts with grouped GEMMs (bf16: torch's

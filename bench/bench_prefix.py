@@ -1,6 +1,6 @@
 """Time to first canvas with and without the prefix cache, on a shared-prefix workload.
 
-    python -m loadtest.bench_prefix [--preset mid] [--system-tokens 1024] [--requests 24] [--rate 1.0] [--steps 4]
+    python -m bench.bench_prefix [--preset mid] [--system-tokens 1024] [--requests 24] [--rate 1.0] [--steps 4]
 
 Every request is one system prompt of `--system-tokens` tokens followed by a short question of its own (8 to 32
 tokens), answered in one canvas of fixed steps (no adaptive stop, no EOS: both contenders do the same denoising
@@ -28,7 +28,7 @@ import time
 import torch
 from prometheus_client import CollectorRegistry
 
-from loadtest.report import machine, percentile
+from bench.report import machine, percentile
 from model.config import DTYPE_NAMES, SamplerSettings, TextConfig
 from model.denoiser import Denoiser
 from model.presets import PRESETS, preset, random_hf_model
