@@ -1,4 +1,5 @@
-"""What goes into the engine (a generation request in token ids) and what comes out (a stream of events).
+"""The contract of both wings: what goes into the engine (a generation request in token ids), what comes out (a
+stream of events), and every error with the reply it gets on each protocol (ERRORS).
 
 The engine speaks token ids only: the ingress owns tokenization and chat templates, so gRPC clients can send
 ids directly and replicas never load a tokenizer. A replica answers a request first with `Accepted` or a
@@ -12,9 +13,11 @@ from dataclasses import dataclass, field
 
 from model.config import SamplerSettings
 
+# ---------------------------------------------------------------- errors (ERRORS maps each to its replies)
+
 
 class InvalidRequest(ValueError):
-    """The request can never be served as asked (names the field); maps to HTTP 400 / INVALID_ARGUMENT."""
+    """The request can never be served as asked (names the field)."""
 
     def __init__(self, field_name: str, message: str):
         super().__init__(f"{field_name}: {message}")
@@ -22,11 +25,82 @@ class InvalidRequest(ValueError):
 
 
 class Overloaded(RuntimeError):
-    """The bounded queue is full; maps to HTTP 429 / RESOURCE_EXHAUSTED with a retry hint."""
+    """The bounded queue is full (or a tier's share of it, or the latency bound): come back later."""
 
     def __init__(self, message: str, retry_after_s: float):
         super().__init__(message)
         self.retry_after_s = retry_after_s
+
+
+class KeyLimited(Overloaded):
+    """An API key over its concurrency or tokens-per-minute limit."""
+
+
+class Unauthenticated(RuntimeError):
+    """No key, or a key that is not one of the configured ones."""
+
+
+class Unavailable(RuntimeError):
+    """The tier's pool could not be reached (no replica, a replica died before accepting)."""
+
+    retry_after_s: float | None = None
+
+
+class Draining(Unavailable):
+    """The service is being stopped: it finishes what it holds and takes nothing new; a load balancer or client
+    retries elsewhere or after the restart. `loads`: the pools' loads when known (readiness), so that a drain can
+    watch the requests in flight fall to zero."""
+
+    retry_after_s = 5.0
+
+    def __init__(self, message: str, loads: dict[str, dict] | None = None):
+        super().__init__(message)
+        self.loads = loads
+
+
+class EngineFailure(RuntimeError):
+    """The request failed after it was accepted: an engine error, or a stream cut off before its end."""
+
+
+class ReplicaLost(EngineFailure):
+    """The replica serving the request went away (its process died, its node was lost) after the client had
+    been sent part of the answer, or on the second try: retryable, the request may be sent again."""
+
+
+@dataclass(frozen=True)
+class Reply:
+    """How an error reaches a client and the metrics: its HTTP status, gRPC status code (grpc.StatusCode's
+    name), the request's outcome and, for a refusal, its reason."""
+
+    http: int
+    grpc: str
+    outcome: str
+    reason: str
+
+
+ERRORS: dict[type[Exception], Reply] = {  # the first class in an error's MRO that is here decides
+    InvalidRequest: Reply(400, "INVALID_ARGUMENT", "invalid", "invalid"),  # reason: the field it names
+    Unauthenticated: Reply(401, "UNAUTHENTICATED", "unauthenticated", "unauthenticated"),
+    KeyLimited: Reply(429, "RESOURCE_EXHAUSTED", "overloaded", "key_limit"),
+    Overloaded: Reply(429, "RESOURCE_EXHAUSTED", "overloaded", "queue_full"),
+    Draining: Reply(503, "UNAVAILABLE", "unavailable", "draining"),
+    Unavailable: Reply(503, "UNAVAILABLE", "unavailable", "no_replica"),
+    ReplicaLost: Reply(503, "UNAVAILABLE", "failed", "replica_lost"),  # retryable
+    EngineFailure: Reply(500, "INTERNAL", "failed", "engine_error"),
+}
+
+
+def reply_for(exc: BaseException) -> Reply:
+    """The table's row for an error; an error not in it is the server's own (500 / INTERNAL)."""
+    for cls in type(exc).__mro__:
+        if cls in ERRORS:
+            return ERRORS[cls]
+    return ERRORS[EngineFailure]
+
+
+def retry_after(exc: BaseException) -> float | None:
+    """The seconds a client should wait before trying again, where the error says (overload, draining)."""
+    return getattr(exc, "retry_after_s", None)
 
 
 @dataclass

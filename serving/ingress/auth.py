@@ -24,18 +24,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from serving.config import Auth
-from serving.request import InvalidRequest, Overloaded
+from serving.request import InvalidRequest, KeyLimited, Unauthenticated
 
 KEY_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 MIN_KEY_LENGTH = 16
-
-
-class Unauthenticated(RuntimeError):
-    """No key, or a key that is not one of the configured ones (401 / UNAUTHENTICATED)."""
-
-
-class KeyLimited(Overloaded):
-    """A key over its concurrency or tokens-per-minute limit (429 / RESOURCE_EXHAUSTED)."""
 
 
 class KeyConfigError(ValueError):

@@ -39,20 +39,26 @@ from prometheus_client import CollectorRegistry
 from model.chat import chat_ids, prompt_ids, text_ids
 from model.checkpoint import read_checkpoint
 from serving.config import AppConfig
-from serving.ingress.auth import Grant, KeyGate, KeyLimited, Unauthenticated
+from serving.ingress.auth import Grant, KeyGate
 from serving.ingress.stop import StopStrings
 from serving.metrics import frontend_metrics
 from serving.request import (
     Accepted,
     CanvasEvent,
     DraftEvent,
+    Draining,
+    EngineFailure,
     ErrorEvent,
     FinalEvent,
     GenerateRequest,
     InvalidRequest,
     Overloaded,
     Refusal,
+    ReplicaLost,
+    Unauthenticated,
+    Unavailable,
     Usage,
+    reply_for,
 )
 
 REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
@@ -62,34 +68,6 @@ log = logging.getLogger("ray.serve")
 def new_request_id() -> str:
     """A request id of the form Serve's proxy gives HTTP requests (a UUID), so ids look alike in its logs."""
     return str(uuid.uuid4())
-
-
-class Unavailable(RuntimeError):
-    """The tier's pool could not be reached (no replica, a replica died before accepting)."""
-
-    retry_after_s: float | None = None
-
-
-class Draining(Unavailable):
-    """The service is being stopped: it finishes what it holds and takes nothing new (503 with Retry-After /
-    UNAVAILABLE); a load balancer or client retries elsewhere or after the restart. `loads`: the pools' loads
-    when known (readiness), so that a drain can watch the requests in flight fall to zero."""
-
-    retry_after_s = 5.0
-
-    def __init__(self, message: str, loads: dict[str, dict] | None = None):
-        super().__init__(message)
-        self.loads = loads
-
-
-class EngineFailure(RuntimeError):
-    """The request failed after it was accepted: an engine error, or a stream cut off before its end."""
-
-
-class ReplicaLost(EngineFailure):
-    """The replica serving the request went away (its process died, its node was lost) after the client had
-    been sent part of the answer, or on the second try: retryable (503 / UNAVAILABLE), the request may be sent
-    again."""
 
 
 class PoolClient(Protocol):
@@ -351,16 +329,8 @@ class Frontend:
             raise
 
     def _refused(self, tier: str, protocol: str, exc: Exception, key_id: str | None) -> None:
-        if isinstance(exc, InvalidRequest):
-            outcome, reason = "invalid", exc.field
-        elif isinstance(exc, KeyLimited):
-            outcome, reason = "overloaded", "key_limit"
-        elif isinstance(exc, Overloaded):
-            outcome, reason = "overloaded", "queue_full"
-        elif isinstance(exc, Draining):
-            outcome, reason = "unavailable", "draining"
-        else:
-            outcome, reason = "unavailable", "no_replica"
+        reply = reply_for(exc)
+        outcome, reason = reply.outcome, exc.field if isinstance(exc, InvalidRequest) else reply.reason
         label = tier if tier in self.config.tiers else "unknown"  # a client's string is no metric label
         self.metrics.requests.labels(label, protocol, outcome).inc()
         self.metrics.refusals.labels(protocol, reason).inc()
