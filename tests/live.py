@@ -13,8 +13,9 @@ import uvicorn
 
 from loadtest.serve_run import free_port
 from serving.config import AppConfig
-from serving.ingress.frontend import Frontend, LocalPool
+from serving.ingress.frontend import Frontend
 from serving.ingress.http_server import http_app
+from serving.ingress.pools import LocalPool
 from serving.replica.deployment import local_replica
 
 

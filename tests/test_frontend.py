@@ -24,9 +24,10 @@ from prometheus_client import CollectorRegistry
 from protos.diffusiongemma.v1 import diffusion_pb2 as pb
 from protos.diffusiongemma.v1 import diffusion_pb2_grpc as pb_grpc
 from serving.config import AppConfig
-from serving.ingress.frontend import Frontend, LocalPool
+from serving.ingress.frontend import Frontend
 from serving.ingress.grpc_server import DiffusionServicer
 from serving.ingress.http_server import http_app
+from serving.ingress.pools import LocalPool
 from serving.replica.deployment import local_replica
 from serving.request import FinalEvent, GenerateRequest
 

@@ -8,7 +8,6 @@ request router (serving/routing.py) picks the replica. Nothing here imports torc
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
@@ -20,7 +19,7 @@ from serving.config import AppConfig
 from serving.ingress.frontend import Frontend
 from serving.ingress.grpc_server import DiffusionServicer, HealthService
 from serving.ingress.http_server import http_app
-from serving.request import GenerateRequest
+from serving.ingress.pools import ServePool
 
 
 class StreamFailed(RuntimeError):
@@ -39,24 +38,6 @@ class QuietStreamFailed(logging.Filter):
 
 
 QUIET_STREAM_FAILED = QuietStreamFailed()  # one instance: adding it again is a no-op
-
-
-class ServePool:
-    """A pool's Denoiser deployment, reached through its handle (streaming)."""
-
-    def __init__(self, handle: DeploymentHandle):
-        self.handle = handle
-
-    async def generate(self, request: GenerateRequest) -> AsyncIterator[Any]:
-        gen = self.handle.options(stream=True).generate.remote(request)
-        try:
-            async for item in gen:
-                yield item
-        finally:
-            gen.cancel()  # a no-op when finished; a disconnect or deadline frees the slot in the engine
-
-    async def load(self) -> dict:
-        return await self.handle.load.remote()
 
 
 class Ingress:

@@ -1,37 +1,34 @@
 """The transport-free front end: what HTTP and gRPC share between a decoded body and a replica's stream.
 
-    frontend = Frontend(config, pools)                     # pools: pool name -> PoolClient
+    frontend = Frontend(config, pools)                     # pools: pool name -> PoolClient (serving/ingress/pools.py)
     ids = frontend.chat_prompt(messages)                    # or user_prompt(text), raw_prompt(text), token ids
-    opened = await frontend.open(ids, Controls(tier="fast", seed=0), max_new_tokens=64)
+    opened = await frontend.open(ClientRequest(ids, tier="fast", seed=0), protocol="http")
     async for chunk in opened.chunks: ...                   # CanvasChunk / DraftChunk ..., then one DoneChunk
     answer = await opened.collect()                         # or the whole answer at once
 
-It picks the tier (body, then header, then the default), resolves the sampler settings within the tier's
-limits, names the request (the id the engine, the logs and the client all see), sends token ids to a replica
-of the tier's pool and waits until the request is accepted, so that a refusal is an error before any reply
-starts. Then it turns the engine's events into text once, for every protocol: a canvas's text is decoded
-incrementally, so a character split across canvases comes out whole.
+A handler turns its body into one ClientRequest; `open` picks the tier (the body's, then the header's, then the
+default), resolves the sampler settings within the tier's limits, names the request (the id the engine, the logs
+and the client all see), makes it the engine's GenerateRequest, sends it to a replica of the tier's pool and
+waits until it is accepted, so that a refusal is an error before any reply starts. The replica's events come
+back as text (serving/ingress/detokenize.py), counted in the metrics and against the caller's key.
 
-Errors: InvalidRequest (400 / INVALID_ARGUMENT), Overloaded (429 / RESOURCE_EXHAUSTED), Unavailable (the pool
-did not answer: 503 / UNAVAILABLE) from `open`; EngineFailure from the chunks when the request failed in the
-engine or its stream ended without a final event, ReplicaLost (retryable: 503 / UNAVAILABLE) when its replica
-went away. A request is idempotent until the client has been sent a canvas or a draft: a replica lost before
-that (before accepting, or after accepting and before its first canvas) is retried once on the pool, which
-routes it to another replica, and the client sees nothing of it. This module imports neither torch nor Ray.
+Errors (serving/request.py's table maps each to its replies): InvalidRequest, Overloaded, Unavailable and
+Draining from `open`; EngineFailure from the chunks when the request failed in the engine or its stream ended
+without a final event, ReplicaLost (retryable) when its replica went away after the client was sent part of the
+answer (before that it is sent again, unseen: serving/ingress/pools.py). Imports neither torch nor Ray.
 """
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import logging
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from dataclasses import dataclass, field, replace
-from typing import Any, Protocol
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
 
 from jinja2 import TemplateError
 from prometheus_client import CollectorRegistry
@@ -40,20 +37,15 @@ from model.chat import chat_ids, prompt_ids, text_ids
 from model.checkpoint import read_checkpoint
 from serving.config import AppConfig
 from serving.ingress.auth import Grant, KeyGate
-from serving.ingress.stop import StopStrings
+from serving.ingress.detokenize import CanvasChunk, Chunk, DoneChunk, TextStream
+from serving.ingress.pools import PoolClient, resent_once, send
 from serving.metrics import frontend_metrics
 from serving.request import (
-    Accepted,
-    CanvasEvent,
-    DraftEvent,
     Draining,
     EngineFailure,
-    ErrorEvent,
-    FinalEvent,
     GenerateRequest,
     InvalidRequest,
     Overloaded,
-    Refusal,
     ReplicaLost,
     Unauthenticated,
     Unavailable,
@@ -70,81 +62,27 @@ def new_request_id() -> str:
     return str(uuid.uuid4())
 
 
-class PoolClient(Protocol):
-    """How the front end reaches the replicas of one pool (serving/ingress/deployment.py: through Serve; LocalPool: one
-    replica object in this process)."""
-
-    def generate(self, request: GenerateRequest) -> AsyncIterator[Any]: ...
-
-    async def load(self) -> dict: ...
-
-
-class LocalPool:
-    """One DenoiserServer in this process, as a pool: for tests and in-process benchmarks (no Ray)."""
-
-    def __init__(self, server: Any):
-        self.server = server
-
-    def generate(self, request: GenerateRequest) -> AsyncIterator[Any]:
-        return self.server.generate(copy.deepcopy(request))  # as Ray would send it: the engine's own copy
-
-    async def load(self) -> dict:
-        return self.server.load()
-
-
-@dataclass(frozen=True)
-class Requested:
-    """What a request asks for beyond its prompt and sampler controls."""
-
-    request_id: str | None
-    max_new_tokens: int | None
-    stream_drafts: bool
-    logprobs: int | None
-    stop: list[str]
-    special_tokens: bool = False
-    template: list[int] | None = None
-
-
 @dataclass
-class Controls:
-    """The diffusion controls of a request, whatever its protocol: tier, seed and sampler overrides."""
+class ClientRequest:
+    """A request as a client sent it, on any protocol, once its body is read: the prompt's ids and what it asks
+    for. `open` resolves it (tier, settings, id, length) into the engine's GenerateRequest."""
 
-    tier: str | None = None
-    seed: int | None = None
+    prompt: list[int]
+    tier: str | None = None  # the body's tier; else `header_tier` (x-tier); else the deployment's default
+    header_tier: str | None = None
     overrides: dict[str, Any] = field(default_factory=dict)  # sampler field -> value (None: the tier's)
+    seed: int | None = None
+    max_new_tokens: int | None = None  # None: the deployment's default
+    stream_drafts: bool = False
+    request_id: str | None = None  # None: a new one
+    logprobs: int | None = None  # None: none; k: each committed token's and its top k alternatives'
+    template: list[int] | None = None  # the answer's fixed tokens, -1 where the sampler fills
+    stop: list[str] = field(default_factory=list)  # strings that end the answer (serving/ingress/stop.py)
+    special_tokens: bool = False  # the text keeps them (a chat answer's channel and tool-call markers)
 
-
-@dataclass(frozen=True)
-class CanvasChunk:
-    """One committed canvas: the text it adds to the answer, its tokens and the steps it took (with a stop
-    string: up to it), and with `logprobs` asked for, each token's log-probability and top alternatives'."""
-
-    index: int
-    text: str
-    token_ids: list[int]
-    steps: int
-    logprobs: list[float] | None = None
-    top_logprobs: list[list[tuple[int, float]]] | None = None
-
-
-@dataclass(frozen=True)
-class DraftChunk:
-    """The argmax canvas after one denoising step (with stream_drafts), decoded on its own."""
-
-    canvas_index: int
-    step: int
-    text: str
-    token_ids: list[int]
-
-
-@dataclass(frozen=True)
-class DoneChunk:
-    finish_reason: str  # "eos", "length", "stop" (a stop string) or "cancelled"
-    usage: Usage
-    text: str = ""  # the end of the answer held back in case it began a stop string (only with stop strings)
-
-
-Chunk = CanvasChunk | DraftChunk | DoneChunk
+    @property
+    def tier_name(self) -> str | None:
+        return self.tier or self.header_tier
 
 
 @dataclass(frozen=True)
@@ -181,36 +119,6 @@ class Opened:
                     top if asked else None,
                 )  # fmt: skip
         raise EngineFailure("the stream ended without a final event")
-
-
-class Detokenizer:
-    """Text per canvas, decoded incrementally so that a character split across canvases comes out whole."""
-
-    def __init__(self, tokenizer: Any, skip_special_tokens: bool = True):
-        self.tok = tokenizer
-        self.skip = skip_special_tokens
-        self.ids: list[int] = []
-        self.text = ""
-
-    def add(self, ids: list[int]) -> str:
-        self.ids += ids
-        text = self.tok.decode(self.ids, skip_special_tokens=self.skip)
-        if text.endswith("\ufffd"):  # an incomplete character: wait for the next canvas
-            return ""
-        new, self.text = text[len(self.text) :], text
-        return new
-
-    def covering(self, ids: list[int], chars: int, before: str) -> int:
-        """How many of `ids` (the ids last added, after text `before`) write no more than their text's first
-        `chars` characters: where a stop string cuts a canvas, the tokens kept (a token that holds the stop
-        string's first characters is not)."""
-        base = len(self.ids) - len(ids)
-        lo, hi = 0, len(ids)
-        while lo < hi:  # the text grows with the prefix: the longest prefix whose text stays within `chars`
-            mid = (lo + hi + 1) // 2
-            grown = len(self.tok.decode(self.ids[: base + mid], skip_special_tokens=self.skip)) - len(before)
-            lo, hi = (mid, hi) if grown <= chars else (lo, mid - 1)
-        return lo
 
 
 class Frontend:
@@ -293,40 +201,44 @@ class Frontend:
 
     # ---------------------------------------------------------------- one request
 
-    async def open(
-        self,
-        ids: list[int],
-        controls: Controls,
-        *,
-        header_tier: str | None = None,
-        max_new_tokens: int | None = None,
-        stream_drafts: bool = False,
-        request_id: str | None = None,
-        protocol: str = "http",
-        key_id: str | None = None,
-        logprobs: int | None = None,
-        stop: list[str] | None = None,
-        special_tokens: bool = False,
-        template: list[int] | None = None,
-    ) -> Opened:
+    async def open(self, asked: ClientRequest, protocol: str = "http", key_id: str | None = None) -> Opened:
         """Send the request to a replica of its tier's pool and wait until it is accepted (slot or queue
         place). Refusals raise here, before any reply is started; `protocol` labels the metrics; `key_id` (from
-        `authenticate`) is charged against its key's limits. `logprobs`: None, or k for each committed token's
-        log-probability and its top k alternatives'; `stop`: strings that end the answer (serving/ingress/stop.py);
-        `special_tokens`: the text keeps them (a chat answer's channel and tool-call markers,
-        serving/ingress/chat_output.py); `template`: the answer's fixed tokens, -1 where the sampler fills."""
+        `authenticate`) is charged against its key's limits."""
         started = time.perf_counter()
-        name = controls.tier or header_tier or self.config.default_tier
+        name = asked.tier_name or self.config.default_tier
         try:
             if self.draining:
                 raise Draining("the service is draining for a restart; send the request again")
-            request = Requested(
-                request_id, max_new_tokens, stream_drafts, logprobs, stop or [], special_tokens, template
-            )
-            return await self._open(ids, controls, name, request, protocol, started, key_id)
+            return await self._open(self.engine_request(asked, name), protocol, started, key_id, asked)
         except (InvalidRequest, Overloaded, Unavailable) as exc:
             self._refused(name, protocol, exc, key_id)
             raise
+
+    def engine_request(self, asked: ClientRequest, name: str) -> GenerateRequest:
+        """The engine's request for what a client asked, in tier `name`; InvalidRequest naming the field where it
+        cannot be (an empty prompt or ids outside the vocabulary: the engine refuses them, field "prompt")."""
+        tier = self.config.tiers.get(name)
+        if tier is None:
+            shown = name if len(name) <= 64 else name[:64] + "..."  # a client's string, not echoed whole
+            raise InvalidRequest("tier", f"unknown tier {shown!r}; tiers: {sorted(self.config.tiers)}")
+        if len(asked.prompt) > self.config.max_prompt_tokens:
+            limit = self.config.max_prompt_tokens
+            raise InvalidRequest("prompt", f"{len(asked.prompt)} tokens; the limit is {limit}")
+        request_id = asked.request_id or new_request_id()
+        if not REQUEST_ID.fullmatch(request_id):
+            raise InvalidRequest("x-request-id", "must be 1-128 characters of letters, digits and . _ : -")
+        return GenerateRequest(
+            prompt=list(asked.prompt),
+            max_new_tokens=asked.max_new_tokens or self.max_new_default,
+            settings=tier.resolve(name, asked.overrides),
+            seed=asked.seed,  # None: drawn now, so a resend is the same request
+            stream_drafts=asked.stream_drafts,
+            request_id=request_id,
+            tier=name,
+            logprobs=asked.logprobs,
+            template=asked.template,
+        )
 
     def _refused(self, tier: str, protocol: str, exc: Exception, key_id: str | None) -> None:
         reply = reply_for(exc)
@@ -338,135 +250,40 @@ class Frontend:
             self.metrics.key_requests.labels(key_id, outcome).inc()
 
     async def _open(
-        self,
-        ids: list[int],
-        controls: Controls,
-        name: str,
-        asked: Requested,
-        protocol: str,
-        started: float,
-        key_id: str | None,
+        self, request: GenerateRequest, protocol: str, started: float, key_id: str | None, asked: ClientRequest
     ) -> Opened:
-        tier = self.config.tiers.get(name)
-        if tier is None:
-            shown = name if len(name) <= 64 else name[:64] + "..."  # a client's string, not echoed whole
-            raise InvalidRequest("tier", f"unknown tier {shown!r}; tiers: {sorted(self.config.tiers)}")
-        if len(ids) > self.config.max_prompt_tokens:
-            raise InvalidRequest("prompt", f"{len(ids)} tokens; the limit is {self.config.max_prompt_tokens}")
-        request_id = asked.request_id
-        if request_id is None:
-            request_id = new_request_id()
-        elif not REQUEST_ID.fullmatch(request_id):
-            raise InvalidRequest("x-request-id", "must be 1-128 characters of letters, digits and . _ : -")
-        # an empty prompt or ids outside the model's vocabulary: the engine refuses them (field "prompt")
-        request = GenerateRequest(
-            prompt=list(ids),
-            max_new_tokens=asked.max_new_tokens or self.max_new_default,
-            settings=tier.resolve(name, controls.overrides),
-            seed=controls.seed,  # None: drawn now, so a resend is the same request
-            stream_drafts=asked.stream_drafts,
-            request_id=request_id,
-            tier=name,
-            logprobs=asked.logprobs,
-            template=asked.template,
-        )
-        grant = None if key_id is None else self.gate.admit(key_id, len(ids) + request.max_new_tokens)
+        pool_name = self.config.tiers[request.tier].pool
+        pool = self.pools[pool_name]
+        tokens = len(request.prompt) + request.max_new_tokens
+        grant = None if key_id is None else self.gate.admit(key_id, tokens)
         try:
-            events = await self._accepted(tier.pool, request)
+            events = await send(pool, pool_name, request)
         except Exception:
             if grant is not None:
                 grant.release()
             raise
-        send = lambda: self._accepted(tier.pool, request, tries=1)  # noqa: E731  (the one retry, when idempotent)
-        chunks = self._chunks(events, name, protocol, started, grant, send, len(ids), asked)
-        return Opened(request_id, name, len(ids), chunks)
+        events = resent_once(events, lambda: send(pool, pool_name, request, tries=1))
+        text = TextStream(self.tokenizer, asked.stop, asked.special_tokens, len(request.prompt), started)
+        chunks = self._accounted(text.chunks(events), request.tier, protocol, started, grant)
+        return Opened(request.request_id, request.tier, len(request.prompt), chunks)
 
-    async def _accepted(self, pool: str, request: GenerateRequest, tries: int = 2) -> AsyncIterator[Any]:
-        """The replica's event stream once it has accepted the request (its Accepted consumed). A replica that
-        fails before accepting (no replica, a dead one) is tried again, up to `tries` times in all."""
-        for attempt in range(tries):
-            events = self.pools[pool].generate(request)
-            try:
-                first = await anext(events)
-            except Exception as exc:  # no replica, or one that died before answering
-                await events.aclose()
-                if attempt + 1 < tries:
-                    log.warning("request %s: pool %s lost it before accepting (%s); retrying once",
-                                request.request_id, pool, type(exc).__name__)  # fmt: skip
-                    continue
-                raise Unavailable(f"pool {pool!r} did not take the request: {exc}") from exc
-            if not isinstance(first, Accepted):
-                await events.aclose()
-                if isinstance(first, Refusal):
-                    raise first.error()
-                raise Unavailable(f"pool {pool!r} answered {type(first).__name__} instead of accepting")
-            return events
-        raise AssertionError("unreachable")
-
-    async def _chunks(
-        self,
-        events: AsyncIterator[Any],
-        tier: str,
-        protocol: str,
-        started: float,
-        grant: Grant | None = None,
-        resend: Callable[[], Awaitable[AsyncIterator[Any]]] | None = None,
-        prompt_tokens: int = 0,
-        asked: Requested | None = None,
+    async def _accounted(
+        self, chunks: AsyncIterator[Chunk], tier: str, protocol: str, started: float, grant: Grant | None
     ) -> AsyncIterator[Chunk]:
-        """The engine's events as text, once for every protocol. Closing this (a client that went away)
-        closes the replica's stream, which cancels the request in its engine. A key's grant is given back
-        when the stream ends, with the tokens the request used. `resend`: where the replica is lost before
-        anything was sent on, the request is sent again once (the client sees nothing of it). With stop strings
-        asked for, the answer ends before the first one (finish "stop") and the request is cancelled in its
-        engine."""
-        detok = Detokenizer(self.tokenizer, skip_special_tokens=not (asked and asked.special_tokens))
-        stops = StopStrings(asked.stop) if asked and asked.stop else None
-        m, outcome, first = self.metrics, "cancelled", True  # cancelled: closed before its end (client gone)
-        used = None
-        sent: list[CanvasChunk] = []  # what a stop string's usage counts
-        first_at: float | None = None
+        """The chunks, counted: the first canvas's time, the outcome, the latency, the key's tokens (its grant
+        given back when the stream ends, with the tokens used). Closing this (a client that went away) closes
+        the replica's stream, which cancels the request in its engine."""
+        m, outcome, first, used = self.metrics, "cancelled", True, None  # cancelled: closed before its end
         try:
-            async for e in self._resent_once(events, resend):
-                if isinstance(e, CanvasEvent):
-                    if first:
-                        first_at = time.perf_counter() - started
-                        m.time_to_first_canvas.labels(tier, protocol).observe(first_at)
-                        first = False
-                    before = detok.text
-                    chunk = CanvasChunk(e.index, detok.add(e.tokens), e.tokens, e.steps, e.logprobs, e.top_logprobs)
-                    if stops is None:
-                        yield chunk
-                        continue
-                    held = stops.held
-                    text, hit = stops.feed(chunk.text)
-                    if not hit:
-                        sent.append(replace(chunk, text=text))
-                        yield sent[-1]
-                        continue
-                    n = detok.covering(e.tokens, len(text) - len(held), before)
-                    lp, top = e.logprobs, e.top_logprobs
-                    cut = CanvasChunk(e.index, text, e.tokens[:n], e.steps, lp and lp[:n], top and top[:n])
-                    sent.append(cut)
-                    yield cut
+            async for chunk in chunks:
+                if first and isinstance(chunk, CanvasChunk):
+                    m.time_to_first_canvas.labels(tier, protocol).observe(time.perf_counter() - started)
+                    first = False
+                if isinstance(chunk, DoneChunk):  # counted now: a caller may stop reading at the final chunk
                     outcome = None
-                    usage = self._stopped_usage(prompt_tokens, sent, first_at, time.perf_counter() - started)
-                    used = self._count_done(tier, protocol, started, grant, usage, "ok")
-                    yield DoneChunk("stop", usage)
-                    return  # closing the replica's stream cancels the rest of the request
-                elif isinstance(e, DraftEvent):
-                    text = self.tokenizer.decode(e.tokens, skip_special_tokens=True)
-                    yield DraftChunk(e.canvas_index, e.step, text, e.tokens)
-                elif isinstance(e, FinalEvent):
-                    outcome = None  # counted now: a caller may stop reading at the final chunk
-                    done = "cancelled" if e.finish_reason == "cancelled" else "ok"
-                    used = self._count_done(tier, protocol, started, grant, e.usage, done)
-                    yield DoneChunk(e.finish_reason, e.usage, stops.release() if stops is not None else "")
-                    return
-                elif isinstance(e, ErrorEvent):
-                    outcome = "failed"
-                    raise EngineFailure(e.message)
-            outcome = "failed"
+                    done = "cancelled" if chunk.finish_reason == "cancelled" else "ok"
+                    used = self._count_done(tier, protocol, started, grant, chunk.usage, done)
+                yield chunk
         except EngineFailure:
             outcome = "failed"
             raise
@@ -480,8 +297,7 @@ class Frontend:
                     m.key_requests.labels(grant.key_id, outcome).inc()
             if grant is not None:
                 grant.release(used)  # a no-op after the final event; else the whole reservation comes back
-            await events.aclose()
-        raise EngineFailure("the stream ended without a final event")
+            await chunks.aclose()
 
     def _count_done(
         self, tier: str, protocol: str, started: float, grant: Grant | None, usage: Usage, outcome: str
@@ -497,46 +313,6 @@ class Frontend:
             m.key_requests.labels(grant.key_id, outcome).inc()
             m.key_tokens.labels(grant.key_id).inc(used)
         return used
-
-    @staticmethod
-    def _stopped_usage(prompt_tokens: int, sent: list[CanvasChunk], first_at: float | None, total: float) -> Usage:
-        """The usage of an answer a stop string ended: the tokens sent, the canvases they came from (the engine's
-        own report never comes, as the request is cancelled; its queue time is not known here)."""
-        return Usage(
-            prompt_tokens=prompt_tokens,
-            generated_tokens=sum(len(c.token_ids) for c in sent),
-            canvases=len(sent),
-            steps_per_canvas=[c.steps for c in sent],
-            queue_time_s=None,
-            time_to_first_canvas_s=first_at,
-            total_time_s=total,
-        )
-
-    @staticmethod
-    async def _resent_once(
-        events: AsyncIterator[Any], resend: Callable[[], Awaitable[AsyncIterator[Any]]] | None
-    ) -> AsyncIterator[Any]:
-        """The replica's events; if its stream breaks before a canvas or draft came out of it (so before the
-        client was sent any), the request's events from a second sending, once."""
-        sent = False
-        try:
-            async for e in events:
-                sent = sent or isinstance(e, (CanvasEvent, DraftEvent))
-                yield e
-            return
-        except Exception as exc:
-            if sent or resend is None:
-                raise
-            lost = type(exc).__name__
-            log.warning("a replica was lost before the request's first canvas (%s); sending it again", lost)
-        finally:
-            await events.aclose()
-        again = await resend()
-        try:
-            async for e in again:
-                yield e
-        finally:
-            await again.aclose()
 
     # ---------------------------------------------------------------- the service
 

@@ -17,20 +17,11 @@ from grpc_health.v1 import health_pb2
 from pydantic import ValidationError
 
 from protos.diffusiongemma.v1 import diffusion_pb2 as pb
-from serving.ingress.auth import Unauthenticated
-from serving.ingress.frontend import (
-    CanvasChunk,
-    Controls,
-    DoneChunk,
-    DraftChunk,
-    Frontend,
-    Opened,
-    ReplicaLost,
-    Unavailable,
-)
+from serving.ingress.detokenize import CanvasChunk, DoneChunk, DraftChunk
+from serving.ingress.frontend import ClientRequest, Frontend, Opened
 from serving.ingress.protocol import MAX_FREE
 from serving.ingress.stop import check_stops
-from serving.request import InvalidRequest, Overloaded, Usage
+from serving.request import InvalidRequest, Unavailable, Usage, reply_for, retry_after
 from serving.sampling import OVERRIDE_NAMES, SamplerOverrides
 
 
@@ -41,8 +32,8 @@ def usage_pb(u: Usage) -> pb.Usage:
     return pb.Usage(**(asdict(u) | unknown))
 
 
-def controls(req: pb.GenerateRequest) -> Controls:
-    """The request's tier, seed and sampler overrides, checked as the HTTP bodies are."""
+def overrides(req: pb.GenerateRequest) -> dict:
+    """The request's sampler overrides, checked as the HTTP bodies are."""
     given = {f: getattr(req.sampler, f) for f in OVERRIDE_NAMES if req.sampler.HasField(f)}
     try:
         SamplerOverrides(**given)
@@ -50,26 +41,15 @@ def controls(req: pb.GenerateRequest) -> Controls:
         first = exc.errors()[0]
         name = ".".join(str(p) for p in first["loc"])
         raise InvalidRequest(name, first["msg"]) from exc
-    seed = req.seed if req.HasField("seed") else None
-    if seed is not None and seed >= 2**62:
-        raise InvalidRequest("seed", "must be < 2**62")
-    return Controls(req.tier or None, seed, given)
+    return given
 
 
 def set_error(context: Any, exc: Exception) -> None:
-    if isinstance(exc, InvalidRequest):
-        context.set_code(grpc.StatusCode.INVALID_ARGUMENT)
-    elif isinstance(exc, Overloaded):
-        context.set_code(grpc.StatusCode.RESOURCE_EXHAUSTED)
-        context.set_trailing_metadata([("retry-after-s", str(round(exc.retry_after_s, 1)))])
-    elif isinstance(exc, (Unavailable, ReplicaLost)):  # retryable
-        context.set_code(grpc.StatusCode.UNAVAILABLE)
-        if getattr(exc, "retry_after_s", None) is not None:  # draining: come back after the restart
-            context.set_trailing_metadata([("retry-after-s", str(round(exc.retry_after_s, 1)))])
-    elif isinstance(exc, Unauthenticated):
-        context.set_code(grpc.StatusCode.UNAUTHENTICATED)
-    else:  # EngineFailure: the request failed after it was accepted
-        context.set_code(grpc.StatusCode.INTERNAL)
+    """The error's code (serving/request.py's table) and message on the call, and when to retry where it says."""
+    context.set_code(getattr(grpc.StatusCode, reply_for(exc).grpc))
+    wait = retry_after(exc)
+    if wait is not None:
+        context.set_trailing_metadata([("retry-after-s", str(round(wait, 1)))])
     context.set_details(str(exc))
 
 
@@ -80,6 +60,10 @@ class DiffusionServicer:
     async def _open(self, req: pb.GenerateRequest, context: Any) -> Opened:
         metadata = dict(context.invocation_metadata() or ()) if context is not None else {}
         key_id = self.frontend.authenticate(metadata.get("authorization"), "grpc")  # before reading anything else
+        return await self.frontend.open(self.client_request(req, metadata), protocol="grpc", key_id=key_id)
+
+    def client_request(self, req: pb.GenerateRequest, metadata: dict) -> ClientRequest:
+        """The message as the front end's request, once; `x-tier` and `x-request-id` may come as metadata."""
         kind = req.WhichOneof("input")
         if kind == "text":
             ids = self.frontend.user_prompt(req.text)
@@ -91,23 +75,18 @@ class DiffusionServicer:
             raise InvalidRequest("input", "one of text, raw_prompt or token_ids is required")
         if req.max_new_tokens < 0:
             raise InvalidRequest("max_new_tokens", "must be >= 0 (0: the model's default)")
+        seed = req.seed if req.HasField("seed") else None
+        if seed is not None and seed >= 2**62:
+            raise InvalidRequest("seed", "must be < 2**62")
         try:
             stops = check_stops(list(req.stop))
         except ValueError as exc:
             raise InvalidRequest("stop", str(exc)) from exc
-        template = self._template(req)
-        return await self.frontend.open(
-            ids,
-            controls(req),
-            header_tier=metadata.get("x-tier"),
-            max_new_tokens=req.max_new_tokens or None,
-            stream_drafts=req.stream_drafts,
-            request_id=metadata.get("x-request-id"),
-            protocol="grpc",
-            key_id=key_id,
-            stop=stops,
-            template=template,
-        )
+        return ClientRequest(
+            ids, tier=req.tier or None, header_tier=metadata.get("x-tier"), overrides=overrides(req), seed=seed,
+            max_new_tokens=req.max_new_tokens or None, stream_drafts=req.stream_drafts,
+            request_id=metadata.get("x-request-id"), template=self._template(req), stop=stops or [],
+        )  # fmt: skip
 
     def _template(self, req: pb.GenerateRequest) -> list[int] | None:
         if not req.template:

@@ -24,7 +24,7 @@ from pydantic import (
 )
 
 from model.config import MAX_TOP_LOGPROBS
-from serving.ingress.frontend import Controls
+from serving.ingress.frontend import ClientRequest
 from serving.ingress.stop import check_stops
 from serving.sampling import OVERRIDE_NAMES, SamplerOverrides
 
@@ -59,8 +59,11 @@ class Diffusion(SamplerOverrides):
     tier: str | None = None
     seed: StrictInt | None = Field(None, ge=0, lt=2**62)
 
-    def controls(self) -> Controls:
-        return Controls(self.tier, self.seed, {k: getattr(self, k) for k in OVERRIDE_NAMES})
+    def client_request(self, prompt: list[int], **asked: Any) -> ClientRequest:
+        """The request this body makes: its diffusion controls, and `asked` (length, id, stops...) as the route
+        reads them."""
+        overrides = {k: getattr(self, k) for k in OVERRIDE_NAMES}
+        return ClientRequest(prompt, tier=self.tier, seed=self.seed, overrides=overrides, **asked)
 
 
 class StreamOptions(BaseModel):

@@ -113,7 +113,7 @@ class DenoiserServer:
 
 
 async def local_replica(model: str, pool: dict, pool_name: str = "default") -> DenoiserServer:
-    """A replica in this process, for tests and in-process benchmarks (serving.ingress.frontend.LocalPool). Serve awaits
+    """A replica in this process, for tests and in-process benchmarks (serving.ingress.pools.LocalPool). Serve awaits
     the async __init__ itself; plain Python cannot construct such a class, so this does what Serve does."""
     server = DenoiserServer.__new__(DenoiserServer)
     await server.__init__(model, pool, pool_name)
