@@ -21,15 +21,12 @@ import asyncio
 import json
 import random
 import statistics
-import tempfile
 import time
-from pathlib import Path
 
 import httpx
 
-from bench.bench_serve import app_args, generate_stream, serve_config
+from bench.bench_serve import generate_stream, served_each, workload_args
 from bench.report import machine, percentile
-from loadtest.serve_run import ServeRun
 
 STEPS = 2
 BLOCK = 64
@@ -75,13 +72,10 @@ def figures(done: list[dict]) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--preset", default="mid")
-    ap.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    workload_args(ap, requests=96, rate=1.5)
     ap.add_argument("--systems", type=int, default=6, help="distinct system prompts")
     ap.add_argument("--system-tokens", type=int, default=512)
     ap.add_argument("--cache-prompts", type=float, default=3.5, help="system prompts one replica's cache holds")
-    ap.add_argument("--requests", type=int, default=96)
-    ap.add_argument("--rate", type=float, default=1.5, help="arrivals per second")
     ap.add_argument("--order", default="prefix,plain", help="which contender runs first")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
@@ -89,7 +83,7 @@ def main() -> None:
     import torch
 
     from model.config import TextConfig
-    from model.presets import PRESETS, save_random_checkpoint
+    from model.presets import PRESETS
 
     cfg = PRESETS[args.preset]
     text = TextConfig.from_hf(cfg)
@@ -97,18 +91,12 @@ def main() -> None:
     items = workload(args.requests, args.rate, args.systems, args.system_tokens, text.vocab_size, args.seed)
     token_bytes = sum(2 * k * d for k, d in zip(text.kv_heads, text.head_dims)) * getattr(torch, args.dtype).itemsize
     cache_mb = args.cache_prompts * args.system_tokens * token_bytes / 2**20
-    results: dict[str, dict] = {}
-    with tempfile.TemporaryDirectory(prefix="bench_prefix_routing") as tmp:
-        model = Path(tmp) / "model"
-        save_random_checkpoint(model, args.preset, seed=args.seed, dtype=getattr(torch, args.dtype))
-        with ServeRun(Path(tmp)) as runs:
-            for who in args.order.split(","):
-                pool = dict(replicas=2, slots=16, max_context=args.system_tokens + 64, max_queue=256, num_cpus=1,
-                            threads=1, prefix_cache_mb=cache_mb, prefix_block_tokens=BLOCK,
-                            prefix_routing=who == "prefix")  # fmt: skip
-                app = runs.get(serve_config("bench", app_args(str(model), {"fast": STEPS}, pool)))
-                results[who] = figures(asyncio.run(replay(app.http, items, canvas)))
-                print(who, results[who], flush=True)
+    pool = dict(replicas=2, slots=16, max_context=args.system_tokens + 64, max_queue=256, num_cpus=1, threads=1,
+                prefix_cache_mb=cache_mb, prefix_block_tokens=BLOCK)  # fmt: skip
+    pools = {who: pool | {"prefix_routing": who == "prefix"} for who in args.order.split(",")}
+    results = served_each(
+        args, pools, {"fast": STEPS}, lambda app: figures(asyncio.run(replay(app.http, items, canvas)))
+    )
 
     prefix, plain = results["prefix"], results["plain"]
     out = {

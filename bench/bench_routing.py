@@ -20,12 +20,9 @@ import argparse
 import asyncio
 import json
 import statistics
-import tempfile
-from pathlib import Path
 
-from bench.bench_serve import Done, Item, app_args, over_http, serve_config, workload
+from bench.bench_serve import Done, Item, over_http, served_each, workload, workload_args
 from bench.report import machine, percentile
-from loadtest.serve_run import ServeRun
 
 TIER_STEPS = {"fast": 2, "quality": 8}
 ROUTERS = {"ours": "step_aware", "default": "power_of_two"}
@@ -44,36 +41,28 @@ def figures(items: list[Item], done: list[Done]) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--preset", default="mid")
-    ap.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
-    ap.add_argument("--requests", type=int, default=120)
-    ap.add_argument("--rate", type=float, default=0.8, help="arrivals per second")
+    workload_args(ap, requests=120, rate=0.8)
     ap.add_argument("--quality-share", type=float, default=0.15)
     ap.add_argument("--slots", type=int, default=16)
     ap.add_argument("--order", default="ours,default", help="which router runs first")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
 
-    import torch
-
-    from model.presets import PRESETS, save_random_checkpoint
+    from model.presets import PRESETS
 
     cfg = PRESETS[args.preset]
     shape = (cfg["canvas_length"], cfg["text_config"]["vocab_size"])
     mix = {"fast": (1 - args.quality_share, (1,)), "quality": (args.quality_share, (3, 4))}
     items = workload(args.requests, args.rate, *shape, args.seed, mix)
     warmup = workload(4, 1.0, *shape, args.seed + 1, {"fast": (1.0, (1,))})
-    results: dict[str, dict] = {}
-    with tempfile.TemporaryDirectory(prefix="bench_routing") as tmp:
-        model = Path(tmp) / "model"
-        save_random_checkpoint(model, args.preset, seed=args.seed, dtype=getattr(torch, args.dtype))
-        with ServeRun(Path(tmp)) as runs:
-            for who in args.order.split(","):
-                pool = dict(replicas=2, slots=args.slots, max_context=1280, max_queue=256, num_cpus=1, threads=1)
-                pool["router"] = ROUTERS[who]
-                app = runs.get(serve_config("bench", app_args(str(model), TIER_STEPS, pool)))
-                results[who] = figures(items, asyncio.run(over_http(app.http, items, warmup)))
-                print(who, results[who], flush=True)
+    pool = dict(replicas=2, slots=args.slots, max_context=1280, max_queue=256, num_cpus=1, threads=1)
+    pools = {who: pool | {"router": ROUTERS[who]} for who in args.order.split(",")}
+    results = served_each(
+        args,
+        pools,
+        TIER_STEPS,
+        lambda app: figures(items, asyncio.run(over_http(app.http, items, warmup))),
+    )
 
     ours, default = results["ours"], results["default"]
     out = {

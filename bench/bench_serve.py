@@ -34,6 +34,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 import httpx
@@ -91,6 +92,35 @@ def app_args(model: str, tier_steps: dict[str, int], pool: dict) -> dict:
         for name, steps in tier_steps.items()
     }
     return {"model": model, "default_tier": next(iter(tier_steps)), "tiers": tiers, "pools": {"cpu": pool}}
+
+
+def workload_args(ap: argparse.ArgumentParser, requests: int, rate: float) -> None:
+    """The options the Serve benchmarks share: the random model's preset and dtype, the workload's size and rate."""
+    ap.add_argument("--preset", default="mid")
+    ap.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    ap.add_argument("--requests", type=int, default=requests)
+    ap.add_argument("--rate", type=float, default=rate, help="arrivals per second")
+
+
+def served_each(
+    args: argparse.Namespace, pools: dict[str, dict], tier_steps: dict[str, int], measure: Callable[[Any], dict]
+) -> dict[str, dict]:
+    """A random checkpoint of `args.preset` served under `serve run` once per pool setting, in the order given,
+    each measured by `measure(app)` (loadtest/serve_run.py's App)."""
+    import torch
+
+    from model.presets import save_random_checkpoint
+
+    results: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory(prefix="bench") as tmp:
+        model = Path(tmp) / "model"
+        save_random_checkpoint(model, args.preset, seed=args.seed, dtype=getattr(torch, args.dtype))
+        with ServeRun(Path(tmp)) as runs:
+            for who, pool in pools.items():
+                app = runs.get(serve_config("bench", app_args(str(model), tier_steps, pool)))
+                results[who] = measure(app)
+                print(who, results[who], flush=True)
+    return results
 
 
 def serve_config(app_name: str, args: dict) -> dict:
@@ -246,10 +276,7 @@ def replica_split(items: list[Item], base: list[Done], http: list[Done], log: st
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--preset", default="mid")
-    ap.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
-    ap.add_argument("--requests", type=int, default=40)
-    ap.add_argument("--rate", type=float, default=0.25, help="arrivals per second")
+    workload_args(ap, requests=40, rate=0.25)
     ap.add_argument("--slots", type=int, default=16)
     # one thread leaves a core to Serve's proxies, controller and the client, as a GPU replica leaves the CPUs:
     # with two, the replica's compute shares both cores with them (docs/fleet.md has both)

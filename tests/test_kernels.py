@@ -188,7 +188,7 @@ def attention_reference(ck, cv, q, k, v, slots, ctx) -> torch.Tensor:
 def test_denoise_attention_reads_the_cache_in_place_as_the_masked_reference_does(shape, dtype):
     *dims, blocks = shape
     args = attention_case(*dims, dtype=dtype, seed=dims[0])
-    ours = attention.denoise(*args, blocks=blocks)
+    ours = attention.denoise(*args, blocks=list(blocks))
     ref = attention_reference(*args)
     assert ours.dtype == dtype and ours.shape == ref.shape
     tol = 1e-5 if dtype == torch.float32 else 8e-3  # bf16: the output's rounding (inputs are bf16 in both)

@@ -80,6 +80,7 @@ def _blocks(head_dim: int) -> tuple[int, int, int]:
     return (32, 32, 8) if head_dim >= 512 else (64, 64, 8)
 
 
+@torch.library.custom_op("dgs::denoise_attention", mutates_args=())
 def denoise(
     ck: torch.Tensor,
     cv: torch.Tensor,
@@ -88,28 +89,15 @@ def denoise(
     v: torch.Tensor,
     slots: torch.Tensor,
     ctx: torch.Tensor,
-    blocks: tuple[int, int, int] | None = None,
+    blocks: list[int] | None = None,
 ) -> torch.Tensor:
     """q [B, n, heads, d], k/v [B, n, kv_heads, d] of the canvas; ck/cv [slots, capacity, kv_heads, d] the layer's
-    cache; ctx [B] the cached entries each row sees. Returns [B, n, heads * d] in q's dtype."""
+    cache; ctx [B] the cached entries each row sees. Returns [B, n, heads * d] in q's dtype. An opaque operator:
+    compiled regions trace around it. blocks: (BM, BN, warps), else by head dim."""
     if k.stride() != v.stride():
         k, v = k.contiguous(), v.contiguous()
-    return _denoise_op(ck, cv, q, k, v, slots, ctx, list(blocks or _blocks(q.shape[-1])))
-
-
-@torch.library.custom_op("dgs::denoise_attention", mutates_args=())
-def _denoise_op(
-    ck: torch.Tensor,
-    cv: torch.Tensor,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    slots: torch.Tensor,
-    ctx: torch.Tensor,
-    blocks: list[int],
-) -> torch.Tensor:
     b, n, heads, d = q.shape
-    bm, bn, warps = blocks
+    bm, bn, warps = blocks or _blocks(d)
     out = torch.empty(b, n, heads, d, dtype=q.dtype, device=q.device)
     _denoise_kernel[(b, heads, triton.cdiv(n, bm))](
         q, k, v, ck, cv, slots, ctx, out, n, *q.stride()[:3], *k.stride()[:3], *ck.stride()[:3], *out.stride()[:3],
@@ -119,7 +107,7 @@ def _denoise_op(
     return out.view(b, n, heads * d)
 
 
-@_denoise_op.register_fake
-def _(ck, cv, q, k, v, slots, ctx, blocks):
+@denoise.register_fake
+def _(ck, cv, q, k, v, slots, ctx, blocks=None):
     b, n, heads, d = q.shape
     return q.new_empty(b, n, heads * d)
