@@ -8,7 +8,7 @@ tokenizer) and loaded by path, as a released model is. The workload: Poisson arr
 tiers fast / balanced / quality (fixed 2 / 4 / 8 steps per canvas, so every path does the same denoising work),
 one or two canvases each, random prompt token ids. Contenders, one after another on the same arrival schedule:
 
-1. inprocess: a Denoiser replica object in this process (serving.replica.deployment.local_replica), called as the
+1. inprocess: a pool replica object in this process (serving.replica.deployment.local_replica), called as the
    ingress calls it: token ids in, the engine's events out, no Ray;
 2. http: `serve run` of an app with that replica (one pool, one replica), streaming `/v1/generate` with token
    ids through Serve's HTTP proxy, the ingress (tier, limits, detokenization, SSE) and the replica's handle;

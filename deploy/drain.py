@@ -6,8 +6,8 @@
 `serve shutdown` alone kills Serve's proxies at once: streams in flight are cut at the transport. A redeploy
 (`serve deploy` of a changed config) needs none of this: Serve starts new replicas and drains the old ones.
 
-Draining is the router deployment's user_config, `{draining: true}`, deployed with the same config file the
-app runs (so nothing else changes and nothing restarts): Serve calls `Ingress.reconfigure` on every router
+Draining is the ingress deployment's user_config, `{draining: true}`, deployed with the same config file the
+app runs (so nothing else changes and nothing restarts): Serve calls `Ingress.reconfigure` on every ingress
 replica in place. From then on new requests get 503 with Retry-After (gRPC UNAVAILABLE), /ready answers 503
 `{"status": "draining", ...}` with the pools' loads, and this waits until no request is queued or live in any
 pool (or --timeout passes), reading /ready. With --shutdown it then deploys an empty config (Serve drains every
@@ -26,22 +26,22 @@ from pathlib import Path
 import httpx
 import yaml
 
-ROUTER = "Ingress"
+INGRESS = "Ingress"
 BUILDER = "serving.app:build"
 
 
 def with_draining(config: dict, draining: bool) -> dict:
-    """The config with the router's user_config set, in every application this project builds."""
+    """The config with the ingress's user_config set, in every application this project builds."""
     config = copy.deepcopy(config)
     for app in config["applications"]:
         if app.get("import_path") != BUILDER:
             continue
         overrides = app.setdefault("deployments", [])
-        router = next((d for d in overrides if d.get("name") == ROUTER), None)
-        if router is None:
-            router = {"name": ROUTER}
-            overrides.append(router)
-        router["user_config"] = {**router.get("user_config", {}), "draining": draining}
+        ingress = next((d for d in overrides if d.get("name") == INGRESS), None)
+        if ingress is None:
+            ingress = {"name": INGRESS}
+            overrides.append(ingress)
+        ingress["user_config"] = {**ingress.get("user_config", {}), "draining": draining}
     return config
 
 
@@ -54,7 +54,7 @@ def http_address(config: dict) -> str:
 
 def in_flight(http: str) -> int | None:
     """Requests queued or live in every pool, from /ready; None while /ready does not show the draining state
-    (the reconfiguration has not reached the router replica that answered) or the app does not answer."""
+    (the reconfiguration has not reached the ingress replica that answered) or the app does not answer."""
     try:
         r = httpx.get(f"{http}/ready", timeout=10)
         body = r.json()
@@ -79,7 +79,7 @@ def drain(config: dict, dashboard: str, http: str, timeout_s: float, shutdown: b
         time.sleep(0.5)
     result = {"drained": left == 0, "waited_s": round(time.monotonic() - started, 1), "in_flight": left}
     if shutdown:
-        # /ready shows one replica's load per pool (the one the router picks), so a pool of several may still
+        # /ready shows one replica's load per pool (the one the request router picks), so a pool of several may still
         # hold requests. Deleting the apps with the proxies up (an empty config) lets Serve drain every replica
         # (graceful_shutdown_timeout_s) and relay its streams to their end; only then does Serve stop.
         client.deploy_applications(config | {"applications": []})

@@ -1,6 +1,6 @@
 """A Ray cluster of several nodes on one machine (Ray's own cluster_utils: one raylet per node), laid out as
 deploy/kuberay/rayservice.yaml lays out pods: a head with no CPUs for replicas (the GCS, Serve's controller, the
-dashboard) and worker nodes. The fault demos (gcs_outage, node_drain) run on it."""
+dashboard) and worker nodes. The fault drills (loadtest/drills/: gcs_outage, eviction) run on it."""
 
 from __future__ import annotations
 

@@ -73,7 +73,7 @@ class App:
         return f"127.0.0.1:{self.session_port('gcs_server')}"
 
     def replica_pids(self, deployment: str) -> list[int]:
-        """The PIDs of a deployment's live replica processes (`Denoiser-cpu`, `Ingress`), through Ray's state
+        """The PIDs of a deployment's live replica processes (`Pool-cpu`, `Ingress`), through Ray's state
         API: alive, which is not yet serving (a replica's process is alive while its model loads)."""
         from ray.util.state import list_actors
 

@@ -1,4 +1,4 @@
-"""The application builder deploy/config.yaml names: one Denoiser deployment per pool, one Ingress.
+"""The application builder deploy/config.yaml names: one deployment per pool (Pool-<name>), one Ingress.
 
 import_path: serving.app:build
 args: {model: embedded, default_tier: balanced, tiers: {...}, pools: {...}}
@@ -23,17 +23,17 @@ MAX_ONGOING = 1024
 
 
 def build(args: dict) -> Application:
-    from serving.replica.deployment import DenoiserServer  # imports torch: only the builder and the replicas need it
+    from serving.replica.deployment import PoolReplica  # imports torch: only the builder and the replicas need it
 
     config = AppConfig(**args)
-    denoiser = serve.deployment(DenoiserServer, max_ongoing_requests=MAX_ONGOING)
+    denoiser = serve.deployment(PoolReplica, max_ongoing_requests=MAX_ONGOING)
     pools = {}
     for name, pool in config.pools.items():
         actor = {"num_cpus": pool.num_cpus, "num_gpus": pool.num_gpus}
         if pool.threads:
             actor["runtime_env"] = {"env_vars": {"OMP_NUM_THREADS": str(pool.threads)}}
         options = dict(
-            name=f"Denoiser-{name}",
+            name=f"Pool-{name}",
             ray_actor_options=actor,
             health_check_period_s=pool.health_check_period_s,
             health_check_timeout_s=pool.health_check_timeout_s,
@@ -51,9 +51,9 @@ def build(args: dict) -> Application:
             )
         pools[name] = denoiser.options(**options).bind(config.model, pool.model_dump(), name)
     ingress = serve.deployment(serve.ingress()(Ingress), name="Ingress", max_ongoing_requests=MAX_ONGOING)
-    # the router relays the pools' streams: it drains at least as long as the longest pool
+    # the ingress relays the pools' streams: it drains at least as long as the longest pool
     drain = max(p.graceful_shutdown_timeout_s for p in config.pools.values())
-    # user_config: Serve applies a change of it to every router replica in place (Ingress.reconfigure), which is
+    # user_config: Serve applies a change of it to every ingress replica in place (Ingress.reconfigure), which is
     # how deploy/drain.py stops new requests before a shutdown
     options = dict(
         ray_actor_options={"num_cpus": 0}, graceful_shutdown_timeout_s=drain, user_config={"draining": False}

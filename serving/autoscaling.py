@@ -1,7 +1,7 @@
 """Scale a pool on the denoising work its replicas hold, not on how many requests they hold.
 
 Serve's default autoscaler compares ongoing requests with `target_ongoing_requests`, but one 16-canvas quality
-request outweighs many 1-canvas fast ones. Each Denoiser replica reports its engine's work through
+request outweighs many 1-canvas fast ones. Each pool replica reports its engine's work through
 `record_autoscaling_stats` (serving/replica/deployment.py): outstanding denoising steps and live canvases. This policy
 sums the chosen one over the pool's replicas (each averaged over Serve's look-back window) and asks for as many
 replicas as that sum over the per-replica target. Serve applies the pool's min/max bounds and its up/down

@@ -1,9 +1,9 @@
-"""The application's configuration: the model, the tiers and the pools of Denoiser replicas behind them.
+"""The application's configuration: the model, the tiers and the pools of replicas behind them.
 
 This is the `args:` block of deploy/config.yaml (validated here, so a typo fails `serve run` with a message
 naming the field). A tier is a named point on the speed/quality curve: default sampler settings, the limits
-a request may override them within, and the pool that serves it. A pool is one Denoiser deployment (replica
-count, slots, context, devices); several tiers may share a pool, because a replica's batcher mixes requests
+a request may override them within, and the pool that serves it. A pool is one Serve deployment, Pool-<name>
+(replica count, slots, context, devices); several tiers may share a pool, because a replica's batcher mixes requests
 with different sampler settings in one forward.
 """
 
@@ -91,7 +91,7 @@ class Autoscaling(Strict):
 
 
 class Pool(Strict):
-    """One Denoiser deployment."""
+    """One pool: a Serve deployment, Pool-<name>."""
 
     replicas: int | None = Field(None, ge=1)  # a fixed count (1 when neither this nor autoscaling is given)
     slots: int = Field(16, ge=1)  # requests live at once per replica (KV-cache slots)
@@ -130,7 +130,7 @@ class Pool(Strict):
     # horizon) or power_of_two (Serve's default: the shorter of two replicas' request queues)
     router: Literal["step_aware", "power_of_two"] = "step_aware"
     autoscaling: Autoscaling | None = None  # instead of a fixed `replicas`
-    # Serve's replica health check (DenoiserServer.check_health: the engine loop is alive) and drain: a replica
+    # Serve's replica health check (PoolReplica.check_health: the engine loop is alive) and drain: a replica
     # being stopped (scale-down, redeploy, shutdown) takes no new requests and has this long to finish the ones
     # it holds before it is killed; the longest answers a pool serves should fit in it.
     health_check_period_s: float = Field(10.0, gt=0)
@@ -149,8 +149,8 @@ class Auth(Strict):
 
     keys_env: str | None = None  # an environment variable holding the keys, one per line (`id:key` or `key`)
     keys_file: str | None = None  # or a file holding them
-    max_concurrent: int | None = Field(None, ge=1)  # requests in flight per key (per router replica)
-    tokens_per_minute: int | None = Field(None, ge=1)  # prompt + generated tokens per key (per router replica)
+    max_concurrent: int | None = Field(None, ge=1)  # requests in flight per key (per ingress replica)
+    tokens_per_minute: int | None = Field(None, ge=1)  # prompt + generated tokens per key (per ingress replica)
 
     @model_validator(mode="after")
     def _one_source(self) -> Auth:

@@ -1,6 +1,6 @@
 """Prometheus metrics of the engine (per replica), the request router and the front end (the ingress).
 
-Where they go: in a Ray process (a Serve replica, the ingress, the router inside it) through
+Where they go: in a Ray process (a Serve replica, the ingress, the request router inside it) through
 `ray.util.metrics`, which each node's metrics agent exports on its metrics port with a `ray_` prefix (what
 Prometheus scrapes in a fleet: deploy/grafana-dashboard.json reads them there); elsewhere (tests, in-process
 benchmarks) through prometheus_client into a registry. Both take the same calls (`.labels(...).inc()`,
@@ -11,7 +11,7 @@ Engine (label `engine` = the pool):
 - dgs_tokens_per_forward (histogram): per finished canvas, its non-pad tokens over its denoising forwards
 - dgs_batch_rows (histogram): rows in each denoising forward; dgs_batch_occupancy (gauge): live slots / slots
 - dgs_queue_depth (gauge): requests waiting for a slot; dgs_outstanding_steps (gauge): denoising steps left
-  in every live and queued request (what the router and the autoscaler read)
+  in every live and queued request (what the request router and the autoscaler read)
 - dgs_queue_time_seconds (histogram): arrival to admission
 - dgs_time_to_first_canvas_seconds (histogram): arrival to the first committed canvas
 - dgs_requests_total (counter, by outcome): eos, length, cancelled, error, rejected, overloaded
@@ -23,7 +23,7 @@ Engine (label `engine` = the pool):
 
 Router (label `pool`):
 - dgs_route_outstanding_steps (histogram): the chosen replica's outstanding steps when a request was routed
-- dgs_route_stale_stats_total (counter): routings where no replica had fresh stats (ranked on what the router
+- dgs_route_stale_stats_total (counter): routings where no replica had fresh stats (ranked on what the request router
   sent since, or on Serve's queue lengths)
 - dgs_route_prefix_held_total (counter): requests routed to a replica whose prefix cache holds the start of their
   prompt (prefix-aware routing)

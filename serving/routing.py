@@ -1,4 +1,4 @@
-"""Which Denoiser replica of a pool gets a request: the one where it shares its forwards with the least work.
+"""Which replica of a pool gets a request: the one where it shares its forwards with the least work.
 
 A DiffusionGemma request's cost is its canvases times its step cap, not one unit, and a replica's batcher
 runs one row per live request in every denoising forward, so on a replica a request is slowed by each other
@@ -92,7 +92,7 @@ class StepAwareRouter(RequestRouter):
         self.stale_after_s = stale_after_s
         self.prefix_routing = prefix_routing
         self.metrics = router_metrics()
-        self.pool = self._deployment_id.name.removeprefix("Denoiser-")
+        self.pool = self._deployment_id.name.removeprefix("Pool-")
 
     def standing(self, replica: RunningReplica, now: float) -> Standing | None:
         """The replica's work as of its last report plus what was sent since; None when it has no fresh report."""

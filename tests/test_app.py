@@ -345,7 +345,7 @@ def test_disconnects_and_cancellations_at_random_points_never_leak_a_slot(app):
 
     time.sleep(3)  # the replicas' log lines reach the serve run's log through Ray's log monitor
     logged = app.log.read_text()[logged_before:]
-    # the router's and the pool's lines (Serve's own gRPC proxy logs "Task exception was never retrieved" for some
+    # the ingress's and the pool's lines (Serve's own gRPC proxy logs "Task exception was never retrieved" for some
     # cancelled calls, in Ray's code: docs/fleet.md)
     ours = "\n".join(line for line in logged.splitlines() if "ServeReplica:" in line)
     assert "Traceback" not in ours and "Error" not in ours, ours[-3000:]
@@ -355,7 +355,7 @@ def test_disconnects_and_cancellations_at_random_points_never_leak_a_slot(app):
 
 
 def test_api_keys_through_serves_http_and_grpc_proxies(served, tmp_path):
-    """The `authorization` header and metadata reach the router through Serve's proxies; probes stay open."""
+    """The `authorization` header and metadata reach the ingress through Serve's proxies; probes stay open."""
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     key = "sk-serve-test-0123456789"

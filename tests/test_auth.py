@@ -63,7 +63,7 @@ def test_keys_are_required_on_http_and_grpc_alike_and_probes_stay_open(monkeypat
     assert reached == 3  # refused calls never reached the engine
 
 
-def test_key_sources_are_checked_when_the_router_starts(tmp_path, monkeypatch):
+def test_key_sources_are_checked_when_the_ingress_starts(tmp_path, monkeypatch):
     keys = parse_keys(KEYS, "test")
     assert set(keys) == {"team-a", "key-" + __import__("hashlib").sha256(KEY_B.encode()).hexdigest()[:8]}
     assert all(len(d) == 32 for d in keys.values())  # digests only: no key is kept

@@ -24,9 +24,9 @@ def test_the_split_reads_the_last_call_of_each_request_id_from_serves_log():
     http = [Done(0.0, 0.6, 1.05, 256), Done(0.0, 1.6, 2.06, 256)]
     log = "\n".join(
         [
-            "INFO bench_Denoiser-cpu x1 bench-0 -- CALL generate OK 400.0ms",  # the warm-up request of that id
-            "INFO bench_Denoiser-cpu x1 bench-0 -- CALL generate OK 1020.0ms",
-            "INFO bench_Denoiser-cpu x1 bench-1 -- CALL generate OK 2030.0ms",
+            "INFO bench_Pool-cpu x1 bench-0 -- CALL generate OK 400.0ms",  # the warm-up request of that id
+            "INFO bench_Pool-cpu x1 bench-0 -- CALL generate OK 1020.0ms",
+            "INFO bench_Pool-cpu x1 bench-1 -- CALL generate OK 2030.0ms",
         ]
     )
     split = replica_split(items, base, http, log)

@@ -19,8 +19,8 @@ from packaging.specifiers import SpecifierSet
 from packaging.utils import canonicalize_name
 from packaging.version import Version
 
-import protos.generate
-from protos.generate import LOCK, check_generator, locked_generator, stale
+import protos.compile
+from protos.compile import LOCK, check_generator, locked_generator, stale
 
 ROOT = Path(__file__).resolve().parent.parent
 PROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
@@ -110,21 +110,21 @@ def test_pyproject_ranges_and_the_hand_pins_admit_the_locked_versions():
 
 def test_generated_grpc_modules_come_from_the_locked_generator_and_are_fresh():
     """With the locked grpcio-tools installed, a module that differs from protoc's output means the .proto
-    changed and `python -m protos.generate` was not run."""
+    changed and `python -m protos.compile` was not run."""
     written_by, _ = generated_versions()
-    assert written_by == Version(locked_generator()), "regenerate: python -m protos.generate"
-    assert stale() == [], "run `python -m protos.generate`"
+    assert written_by == Version(locked_generator()), "regenerate: python -m protos.compile"
+    assert stale() == [], "run `python -m protos.compile`"
 
 
 def test_protoc_refuses_a_generator_other_than_the_locked_one(tmp_path, monkeypatch):
     installed = importlib.metadata.version("grpcio-tools")
     other = tmp_path / "lock.txt"
     other.write_text(f"grpcio==1.85.4\ngrpcio-tools=={installed}.1\n    # via -r requirements/pins.txt\n")
-    monkeypatch.setattr(protos.generate, "LOCK", other)
+    monkeypatch.setattr(protos.compile, "LOCK", other)
     assert locked_generator() == f"{installed}.1"
     with pytest.raises(RuntimeError, match=rf"grpcio-tools {re.escape(installed)} is installed, the lock pins"):
         check_generator()
-    assert protos.generate.main(["--check"]) == 2
+    assert protos.compile.main(["--check"]) == 2
     other.write_text("grpcio==1.85.4\n")
     with pytest.raises(RuntimeError, match="pins no grpcio-tools"):
         locked_generator()

@@ -79,7 +79,7 @@ def test_every_sampler_knob_reaches_http_grpc_and_the_tier_config():
 
 @pytest.mark.parametrize("name", ["config.yaml", "gpu.yaml", "gpu-24gb.yaml"])
 def test_health_checks_and_drains_are_set_on_purpose_and_reach_serve(name):
-    """Every pool names its health check and drain; the router drains as long as its longest pool."""
+    """Every pool names its health check and drain; the ingress drains as long as its longest pool."""
     from ray.serve._private.build_app import build_app
 
     from serving.app import build
@@ -89,7 +89,7 @@ def test_health_checks_and_drains_are_set_on_purpose_and_reach_serve(name):
     assert all({"health_check_period_s", "graceful_shutdown_timeout_s"} <= set(p) for p in raw_pools)
     deployments = {d.name: d._deployment_config for d in build_app(build(args), name="app").deployments}
     for pool_name, pool in args["pools"].items():
-        built = deployments[f"Denoiser-{pool_name}"]
+        built = deployments[f"Pool-{pool_name}"]
         assert built.graceful_shutdown_timeout_s == pool["graceful_shutdown_timeout_s"]
         assert built.health_check_period_s == pool["health_check_period_s"]
     longest = max(p["graceful_shutdown_timeout_s"] for p in raw_pools)

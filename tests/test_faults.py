@@ -1,4 +1,4 @@
-"""Faults under `serve run` (a real local Ray, loopback only, bounded): a Denoiser replica's process is killed by
+"""Faults under `serve run` (a real local Ray, loopback only, bounded): a pool replica's process is killed by
 its PID, found through Ray's state API, while it holds streaming and unary requests of both protocols."""
 
 from __future__ import annotations
@@ -33,10 +33,10 @@ def two_replicas() -> dict:
 def test_a_denoiser_replica_killed_mid_load_loses_nothing_and_recovers(served):
     app: App = served.get(two_replicas())
     deadline = time.monotonic() + 120
-    while len(before := app.running_replica_pids("Denoiser-cpu")) < 2:  # /ready needs only one of them
+    while len(before := app.running_replica_pids("Pool-cpu")) < 2:  # /ready needs only one of them
         assert time.monotonic() < deadline, "the pool's second replica did not start"
         time.sleep(1)
-    assert app.replica_pids("Denoiser-cpu") == before  # Ray's state API sees the same two processes
+    assert app.replica_pids("Pool-cpu") == before  # Ray's state API sees the same two processes
     routed_to_both(app, before)
 
     killed_at = []
@@ -50,11 +50,11 @@ def test_a_denoiser_replica_killed_mid_load_loses_nothing_and_recovers(served):
     assert set(outcomes) <= {"answered", "error:retryable"}, outcomes  # never cut, lost or a 5xx
     assert outcomes.count("answered") >= 1
     # recovery: Serve starts a replacement; the pool answers with two replicas again
-    recovered_s = recovered_after(app, "Denoiser-cpu", before[0], 2, killed_at[0])
+    recovered_s = recovered_after(app, "Pool-cpu", before[0], 2, killed_at[0])
 
     assert asyncio.run(burst(app)) == [200] * 6
     resent = 0
-    for _ in range(40):  # the router's warnings reach the serve run's log through Ray's log monitor, later
+    for _ in range(40):  # the ingress's warnings reach the serve run's log through Ray's log monitor, later
         log = app.log.read_text()
         resent = log.count("sending it again") + log.count("retrying once")
         if resent or outcomes.count("error:retryable"):
@@ -75,17 +75,17 @@ async def burst(app: App, n: int = 6) -> list[int]:
 
 
 def routed_to_both(app: App, pids: list[int], timeout_s: float = 90) -> None:
-    """Until the router has sent requests to every replica in `pids` (each replica's request log names its PID):
-    Serve reports a replica RUNNING before every router has it in its set, and a killed replica that held no
+    """Until the request router has sent requests to every replica in `pids` (each replica's request log names its PID):
+    Serve reports a replica RUNNING before every request router has it in its set, and a killed replica that held no
     request would prove nothing."""
     deadline = time.monotonic() + timeout_s
 
     while True:
         asyncio.run(burst(app))
         calls = [line for line in app.log.read_text().splitlines() if "-- CALL " in line]
-        if all(any(f"Denoiser-cpu pid={pid})" in line for line in calls) for pid in pids):
+        if all(any(f"Pool-cpu pid={pid})" in line for line in calls) for pid in pids):
             return
-        assert time.monotonic() < deadline, f"the router did not send requests to all of {pids}"
+        assert time.monotonic() < deadline, f"the request router did not send requests to all of {pids}"
         time.sleep(1)
 
 
@@ -149,7 +149,7 @@ def test_a_redeploy_under_load_changes_tiers_and_replicas_in_place_and_refuses_n
     assert probes and set(probes) == {"200"}
 
     deadline = time.monotonic() + 180
-    while len(app.running_replica_pids("Denoiser-cpu")) < 2 or "draft" not in tiers(app):
+    while len(app.running_replica_pids("Pool-cpu")) < 2 or "draft" not in tiers(app):
         assert time.monotonic() < deadline, f"the new config is not live: {tiers(app)}"
         time.sleep(1)
     assert tiers(app)["fast"]["max_denoising_steps"] == 3
@@ -164,7 +164,7 @@ def tiers(app: App) -> dict[str, dict]:
 
 
 def test_a_drain_then_shutdown_refuses_new_requests_with_503_and_cuts_nothing(served, tmp_path):
-    """deploy/drain.py: the router refuses new requests (503 Retry-After), the streams in flight finish, and
+    """deploy/drain.py: the ingress refuses new requests (503 Retry-After), the streams in flight finish, and
     only then are the apps deleted."""
     app: App = served.get(shipped_config())
     drain = lambda: serve_cli(app, tmp_path, "deploy.drain", "--dashboard", app.dashboard(), "--http", app.http,  # noqa: E731
@@ -184,28 +184,28 @@ def test_a_drain_then_shutdown_refuses_new_requests_with_503_and_cuts_nothing(se
     assert after <= {"503 retry-after 5", "404"}, probes
 
 
-def test_the_router_replica_killed_mid_load_recovers_and_no_client_hangs(served):
-    """The Ingress (router) replica killed under load: what in-flight clients see is recorded (docs/fleet.md),
-    none hangs past its deadline, and new requests succeed once Serve has restarted the router."""
+def test_the_ingress_replica_killed_mid_load_recovers_and_no_client_hangs(served):
+    """The ingress replica killed under load: what in-flight clients see is recorded (docs/fleet.md),
+    none hangs past its deadline, and new requests succeed once Serve has restarted the ingress."""
     app: App = served.get(two_replicas())
     deadline = time.monotonic() + 120
-    while len(app.running_replica_pids("Denoiser-cpu")) < 2 or not app.running_replica_pids("Ingress"):
+    while len(app.running_replica_pids("Pool-cpu")) < 2 or not app.running_replica_pids("Ingress"):
         assert time.monotonic() < deadline, "the app did not come up"
         time.sleep(1)
-    (router,) = app.running_replica_pids("Ingress")
+    (ingress,) = app.running_replica_pids("Ingress")
 
     killed_at = []
 
     def kill() -> None:
-        os.kill(router, signal.SIGKILL)
+        os.kill(ingress, signal.SIGKILL)
         killed_at.append(time.monotonic())
 
     outcomes = asyncio.run(under_load(app, kill))  # none hangs past its deadline
-    recovered_s = recovered_after(app, "Ingress", router, 1, killed_at[0])
+    recovered_s = recovered_after(app, "Ingress", ingress, 1, killed_at[0])
     seen = sorted({f"{kind}: {outcome}" for kind, outcome in outcomes})
     print(f"in-flight requests saw: {seen}; recovery {recovered_s:.1f} s")
     assert "lost" not in {outcome for _, outcome in outcomes}  # cut visibly, never silently short
-    # an HTTP stream relayed by the dead router ends at the transport, not with a 5xx; Serve's proxies answer a
-    # unary HTTP request whose router died with 500, and gRPC calls sometimes with an error status other than
+    # an HTTP stream relayed by the dead ingress ends at the transport, not with a 5xx; Serve's proxies answer a
+    # unary HTTP request whose ingress died with 500, and gRPC calls sometimes with an error status other than
     # UNAVAILABLE (docs/fleet.md)
     assert not any(kind == "http stream" and o == "error:server_error" for kind, o in outcomes), outcomes

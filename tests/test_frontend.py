@@ -243,7 +243,7 @@ def test_a_replica_lost_after_a_canvas_is_a_retryable_error():
 
 
 def test_draining_refuses_new_requests_with_a_retry_hint_and_lets_those_in_flight_finish():
-    """What deploy/drain.py sets on every router replica (Ingress.reconfigure) before a shutdown."""
+    """What deploy/drain.py sets on every ingress replica (Ingress.reconfigure) before a shutdown."""
     from serving.ingress.deployment import Ingress
 
     async def main():
@@ -252,16 +252,16 @@ def test_draining_refuses_new_requests_with_a_retry_hint_and_lets_those_in_fligh
             in_flight = asyncio.ensure_future(http.post("/v1/generate", json=body | {"stream": True}))
             while not pool.sent:
                 await asyncio.sleep(0.01)
-            router = Ingress.__new__(Ingress)  # the deployment class's hook, over this front end
-            router.frontend = pool.frontend
-            router.reconfigure({"draining": True})
+            ingress = Ingress.__new__(Ingress)  # the deployment class's hook, over this front end
+            ingress.frontend = pool.frontend
+            ingress.reconfigure({"draining": True})
             refused = await http.post("/v1/generate", json=body)
             with pytest.raises(grpc.aio.AioRpcError) as err:
                 await stub.Generate(pb.GenerateRequest(text="reverse: a b c", tier="fast"))
             ready, health = await http.get("/ready"), await http.get("/health")
             pool.release.set()
             finished = await in_flight
-            router.reconfigure({"draining": False})
+            ingress.reconfigure({"draining": False})
             after = await http.post("/v1/generate", json=body)
             return refused, err.value, ready, health, finished, after, len(pool.sent)
 

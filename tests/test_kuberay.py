@@ -267,7 +267,7 @@ def test_build_metadata_without_a_pushed_digest_is_refused():
 
 
 def test_an_evicted_gpu_worker_drains_its_ray_node_first(manifest):
-    """The worker's preStop hook runs deploy/node_drain.py (tests/test_node_drain.py shows what it does) with a
+    """The worker's preStop hook runs deploy/node_drain.py (tests/test_eviction.py shows what it does) with a
     deadline past the pools' graceful stop, and the pod's grace period outlasts the hook."""
     from deploy import node_drain
 
@@ -286,20 +286,20 @@ def test_an_evicted_gpu_worker_drains_its_ray_node_first(manifest):
 
 
 def test_no_replica_can_land_on_the_head(manifest):
-    """The head's restart must take no replica with it: it offers no CPU or GPU, every pool's Denoiser asks for
-    both, and the router (twice over) asks for a CPU through the serve config's override; a worker fits its
-    Denoiser and a router."""
-    from deploy.drain import ROUTER
+    """The head's restart must take no replica with it: it offers no CPU or GPU, every pool replica asks for
+    both, and the ingress (twice over) asks for a CPU through the serve config's override; a worker fits its
+    pool replica and an ingress."""
+    from deploy.drain import INGRESS
 
     cluster = manifest["spec"]["rayClusterConfig"]
     serve = yaml.safe_load(manifest["spec"]["serveConfigV2"])
     app = serve["applications"][0]
     head = cluster["headGroupSpec"]["rayStartParams"]
     assert head["num-cpus"] == "0" and head["num-gpus"] == "0"
-    (router,) = [d for d in app["deployments"] if d["name"] == ROUTER]
-    assert router["ray_actor_options"]["num_cpus"] > 0 and router["num_replicas"] >= 2
+    (ingress,) = [d for d in app["deployments"] if d["name"] == INGRESS]
+    assert ingress["ray_actor_options"]["num_cpus"] > 0 and ingress["num_replicas"] >= 2
     (worker,) = cluster["workerGroupSpecs"][0]["template"]["spec"]["containers"]
     worker_cpus = float(worker["resources"]["limits"]["cpu"])
     for pool in app["args"]["pools"].values():
         assert pool["num_cpus"] > 0 and pool["num_gpus"] == 1
-        assert pool["num_cpus"] + router["ray_actor_options"]["num_cpus"] <= worker_cpus
+        assert pool["num_cpus"] + ingress["ray_actor_options"]["num_cpus"] <= worker_cpus

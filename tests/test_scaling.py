@@ -59,8 +59,8 @@ def test_the_policy_asks_for_the_pools_work_over_the_target():
 
 # ---------------------------------------------------------------- under serve run
 
-ADDED = re.compile(r"Adding (\d+) replicas? to Deployment\(name='Denoiser-cpu'")
-REMOVED = re.compile(r"Removing (\d+) replicas? from Deployment\(name='Denoiser-cpu'")
+ADDED = re.compile(r"Adding (\d+) replicas? to Deployment\(name='Pool-cpu'")
+REMOVED = re.compile(r"Removing (\d+) replicas? from Deployment\(name='Pool-cpu'")
 HEAVY = {"text": "Tell me about the sea.", "tier": "quality", "max_new_tokens": 64, "adaptive_stop": False}
 HEAVY |= {"max_denoising_steps": 48}
 LIGHT = {"text": "reverse: a b c", "tier": "fast", "max_new_tokens": 16}

@@ -6,7 +6,7 @@ Serve moves the replica, and only then is the node killed.
 A local Ray cluster of three nodes (Ray's own cluster_utils: separate raylets on one machine) stands in for a
 KubeRay cluster: a head with no CPUs for replicas (it runs Serve's controller and the HTTP proxy, as the head pod
 does) and two worker nodes. deploy/config.yaml's application is deployed; clients stream and send unary
-`/v1/generate` requests through the proxy, several at a time. Then the node holding the Denoiser replica is drained
+`/v1/generate` requests through the proxy, several at a time. Then the node holding the pool replica is drained
 by `python -m deploy.node_drain` (the worker pod's preStop hook, run as the kubelet runs it before it stops the
 container: it finds its node by the pod's IP, so each worker node here has a loopback address of its own), and once
 it returns the node's processes are killed (what the kubelet does next). Every request must be answered: the stream
@@ -36,7 +36,7 @@ from loadtest.drills.reliability import DEADLINE_S, http_stream, http_unary
 from loadtest.local_cluster import local_cluster
 from loadtest.serve_run import ROOT, free_port
 
-DENOISER = "ServeReplica:diffusiongemma:Denoiser-cpu"
+DENOISER = "ServeReplica:diffusiongemma:Pool-cpu"
 
 
 def replica_nodes(address: str) -> list[str]:
@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> dict:
         serve.run(build(config["args"]), name=config["name"], route_prefix="/")
         before_nodes = replica_nodes(cluster.address)
         (victim,) = before_nodes
-        assert victim in nodes, "the Denoiser replica runs on the head"
+        assert victim in nodes, "the pool replica runs on the head"
 
         stop, timeline = threading.Event(), {}
         seen: list = []

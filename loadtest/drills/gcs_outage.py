@@ -6,7 +6,7 @@ What KubeRay's `gcsFaultToleranceOptions` gives a RayService (deploy/kuberay/REA
 Redis server is started on a free loopback port and a two-node Ray cluster (Ray's own cluster_utils: two raylets)
 with `RAY_REDIS_ADDRESS` pointing at it, laid out as rayservice.yaml lays out pods: a head with no CPUs for
 replicas (the GCS, Serve's controller, the dashboard) and a worker node. deploy/config.yaml's application is
-deployed as KubeRay deploys serveConfigV2, through the dashboard's REST API, with the router overridden as
+deployed as KubeRay deploys serveConfigV2, through the dashboard's REST API, with the ingress overridden as
 deploy/gpu.yaml overrides it (one CPU, so never on the head). A client sends `/v1/generate` requests at `--rate`
 per second through the worker node's Serve proxy (its own port: Serve's RAY_SERVE_WORKER_PROXY_HTTP_PORT, since
 two proxies on one machine cannot share one); the GCS process is killed with SIGKILL by its PID, left dead for
@@ -32,19 +32,19 @@ import time
 import httpx
 import yaml
 
-from deploy.drain import ROUTER
+from deploy.drain import INGRESS
 from loadtest.local_cluster import local_cluster, wait_ready
 from loadtest.serve_run import ROOT, free_port
 
 
 def deploy_config(http_port: int) -> dict:
-    """deploy/config.yaml as KubeRay would submit it: the router overridden as deploy/gpu.yaml overrides it."""
+    """deploy/config.yaml as KubeRay would submit it: the ingress overridden as deploy/gpu.yaml overrides it."""
     config = yaml.safe_load((ROOT / "deploy" / "config.yaml").read_text())
     config["proxy_location"] = "EveryNode"
     config["http_options"].update(host="127.0.0.1", port=http_port)
     config.pop("grpc_options")  # HTTP is enough to show it; one port less to keep apart
     app = config["applications"][0]
-    app["deployments"] = [{"name": ROUTER, "num_replicas": 1, "ray_actor_options": {"num_cpus": 1}}]
+    app["deployments"] = [{"name": INGRESS, "num_replicas": 1, "ray_actor_options": {"num_cpus": 1}}]
     app["args"]["pools"]["cpu"].update(threads=1)
     return config
 

@@ -11,9 +11,9 @@ Scenarios, in order:
   prompts unless --overload-mix says otherwise) first unloaded (2 users), then at the sustainable rate (32 users
   back to back: its answers per second are the rate), then at about 10x that rate for `--overload-s` (paced
   users). Reported: the refusals' latency, admitted requests' p99 against the unloaded p99, the replicas' and
-  router's resident memory before, during and after, and how long the queues take to drain to zero.
-- denoiser_killed / router_killed: streams and unary calls of both protocols under way when a Denoiser replica's
-  (or the router's) process is killed by its PID; then time until Serve has replaced it and a request succeeds.
+  ingress's resident memory before, during and after, and how long the queues take to drain to zero.
+- denoiser_killed / router_killed: streams and unary calls of both protocols under way when a pool replica's
+  (or the ingress's) process is killed by its PID; then time until Serve has replaced it and a request succeeds.
 - fuzz: hypothesis-generated hostile HTTP bodies and gRPC messages (loadtest/hostile.py) through Serve's proxies.
 
 Every request is counted once: `answered`, `refused` by reason (queue_full, invalid, body_too_large, draining,
@@ -179,7 +179,7 @@ class Mix:
 # Quality answers to the longer prompts: each request's denoising outweighs its routing, as it does with the full
 # model on a GPU (seconds of forwards against milliseconds of routing). The embedded model's fast answers to short
 # prompts take about as long to denoise as Serve takes to route them, so with that mix the test would measure the
-# router's CPU on 2 cores, not overload (docs/fleet.md has both).
+# ingress's CPU on 2 cores, not overload (docs/fleet.md has both).
 HEAVY = Mix("quality:1", "long:1")
 
 
@@ -263,7 +263,7 @@ def rss_mb(pids: list[int]) -> float:
 
 def drained_after(app: App, timeout_s: float = 120) -> float | None:
     """Seconds until the pool reports nothing queued or live six reads in a row (each read shows the replica
-    the router picks; six in a row make a pool of a few replicas unlikely to hide one still busy), or None."""
+    the request router picks; six in a row make a pool of a few replicas unlikely to hide one still busy), or None."""
     started, clean = time.monotonic(), 0
     while time.monotonic() - started < timeout_s:
         load = app.load()
@@ -275,7 +275,7 @@ def drained_after(app: App, timeout_s: float = 120) -> float | None:
 
 
 def overload(app: App, tally: Tally, seconds: int, work: Path, phase_s: int = 20, mix: Mix = HEAVY) -> dict:
-    pids = app.running_replica_pids("Denoiser-cpu") + app.running_replica_pids("Ingress")
+    pids = app.running_replica_pids("Pool-cpu") + app.running_replica_pids("Ingress")
     rss_cold = rss_mb(pids)
     unloaded = locust(app, work / "unloaded", users=2, seconds=phase_s, mix=mix)  # one user of each protocol
     sustained = locust(app, work / "sustained", users=32, seconds=phase_s, mix=mix)
@@ -305,7 +305,7 @@ def overload(app: App, tally: Tally, seconds: int, work: Path, phase_s: int = 20
     offered = sum(r["num_requests"] for k, r in loaded["rows"].items() if k[0] != "STREAM") / seconds
     return {
         "mix": {"tiers": mix.tiers, "prompts": mix.prompts},
-        "replicas": len(app.running_replica_pids("Denoiser-cpu")),
+        "replicas": len(app.running_replica_pids("Pool-cpu")),
         "sustainable_rate_rps": round(rate, 2),
         "offered_rate_rps": round(offered, 1),
         "users": users,
@@ -361,8 +361,8 @@ def recovered_after(app: App, deployment: str, dead: int, want: int, since: floa
 
 def fault(app: App, tally: Tally, deployment: str) -> dict:
     deadline = time.monotonic() + 120
-    want = 2 if deployment == "Denoiser-cpu" else 1
-    while len(app.running_replica_pids("Denoiser-cpu")) < 2 or not app.running_replica_pids("Ingress"):
+    want = 2 if deployment == "Pool-cpu" else 1
+    while len(app.running_replica_pids("Pool-cpu")) < 2 or not app.running_replica_pids("Ingress"):
         if time.monotonic() > deadline:
             raise RuntimeError("the app did not come up whole")
         time.sleep(1)
@@ -474,13 +474,13 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="reliability") as tmp, ServeRun(Path(tmp)) as runs:
         for name in chosen:
             print(f"{name} ...", file=sys.stderr, flush=True)
-            # overload: one replica, so that the router, Serve's proxy and locust have the other core to themselves;
+            # overload: one replica, so that the ingress, Serve's proxy and locust have the other core to themselves;
             # the faults: two, so that a request can be sent again to the one that lives
             app = runs.get(config(args.slots, args.max_queue, slowdown, replicas=1 if name == "overload" else 2))
             if name == "overload":
                 results[name] = overload(app, tally, args.overload_s, Path(tmp), args.phase_s, mix)
             elif name == "denoiser_killed":
-                results[name] = fault(app, tally, "Denoiser-cpu")
+                results[name] = fault(app, tally, "Pool-cpu")
             elif name == "router_killed":
                 results[name] = fault(app, tally, "Ingress")
             else:

@@ -9,7 +9,7 @@ which key or how much of one matched. The key id, never the key, is what limits,
 Per-key limits (both optional): concurrent requests, and tokens per minute as a token bucket that refills
 continuously. A request reserves its prompt tokens plus its length cap when it is admitted and gives back what
 it did not use when it ends. Over either limit: 429 / RESOURCE_EXHAUSTED with a retry hint. The limits hold per
-router replica (each keeps its own counts); with N router replicas a key may use up to N times them.
+ingress replica (each keeps its own counts); with N ingress replicas a key may use up to N times them.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ MIN_KEY_LENGTH = 16
 
 
 class KeyConfigError(ValueError):
-    """The configured key source is missing, empty or malformed (the router refuses to start)."""
+    """The configured key source is missing, empty or malformed (the ingress refuses to start)."""
 
 
 def _digest(key: str) -> bytes:
@@ -97,7 +97,7 @@ class Grant:
 
 
 class KeyGate:
-    """Who may call (the keys) and how much (the limits), for one router replica."""
+    """Who may call (the keys) and how much (the limits), for one ingress replica."""
 
     def __init__(self, auth: Auth, clock: Callable[[], float] = time.monotonic):
         self.auth = auth

@@ -30,7 +30,7 @@ class QuietStreamFailed(logging.Filter):
     """Serve logs every exception a replica method raises as "Request failed." with its traceback. StreamFailed
     is no failure of ours: it is how a stream's refusal (429, 400, 503 ...) reaches the client as a status code,
     and the access log line already shows the request. Without this, every refused gRPC stream wrote a
-    traceback (and under overload formatting them cost the router CPU)."""
+    traceback (and under overload formatting them cost the ingress CPU)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
@@ -48,7 +48,7 @@ class Ingress:
         self.health = HealthService(self.frontend)
 
     def reconfigure(self, user_config: dict) -> None:
-        """Serve calls this on every router replica, in place, when the deployment's user_config changes:
+        """Serve calls this on every ingress replica, in place, when the deployment's user_config changes:
         `{draining: true}` refuses new requests with 503 / UNAVAILABLE and lets those in flight finish
         (deploy/drain.py sets it before a shutdown)."""
         self.frontend.draining = bool(user_config.get("draining", False))

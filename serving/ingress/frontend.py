@@ -144,7 +144,7 @@ class Frontend:
         blob = json.dumps([self.model_id, config.model_dump(mode="json", exclude={"auth"})], sort_keys=True)
         self.fingerprint = "fp_" + hashlib.sha256(blob.encode()).hexdigest()[:12]
         self.gate = KeyGate(config.auth) if config.auth is not None else None
-        # Set on every router replica at once through Serve's user_config (deploy/drain.py): new requests are
+        # Set on every ingress replica at once through Serve's user_config (deploy/drain.py): new requests are
         # refused, /ready and the gRPC readiness check say NOT ready, requests in flight run to their end.
         self.draining = False
 

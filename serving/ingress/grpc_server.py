@@ -27,7 +27,7 @@ from serving.sampling import OVERRIDE_NAMES, SamplerOverrides
 
 def usage_pb(u: Usage) -> pb.Usage:
     """The proto's Usage has the engine's fields; a time not known (no first canvas: a cancelled request; no
-    queue time: one a stop string ended in the router) is 0 there."""
+    queue time: one a stop string ended in the ingress) is 0 there."""
     unknown = {k: v or 0.0 for k, v in asdict(u).items() if k in ("time_to_first_canvas_s", "queue_time_s")}
     return pb.Usage(**(asdict(u) | unknown))
 

@@ -29,7 +29,7 @@ class PoolClient(Protocol):
 
 
 class ServePool:
-    """A pool's Denoiser deployment, reached through its handle (streaming); the step-aware request router
+    """A pool's deployment, reached through its handle (streaming); the step-aware request router
     (serving/routing.py) picks the replica."""
 
     def __init__(self, handle: Any):  # a ray.serve DeploymentHandle
@@ -48,7 +48,7 @@ class ServePool:
 
 
 class LocalPool:
-    """One DenoiserServer in this process, as a pool: for tests and in-process benchmarks (no Ray)."""
+    """One PoolReplica in this process, as a pool: for tests and in-process benchmarks (no Ray)."""
 
     def __init__(self, server: Any):
         self.server = server

@@ -1,4 +1,4 @@
-"""A replica: one per GPU, a pool's Serve deployment (DenoiserServer) over one engine.
+"""A replica: one per GPU, a pool's Serve deployment (PoolReplica) over one engine.
 
 deployment.py     the Serve deployment: loads the network, builds the engine, answers generate and load
 engine.py         the loop on its worker thread: plan, run, apply; events and metrics

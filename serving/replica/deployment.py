@@ -1,4 +1,4 @@
-"""The Denoiser replica: one per GPU (or a CPU process), hosting one engine. serving/app.py makes it a deployment.
+"""The pool replica: one per GPU (or a CPU process), hosting one engine. serving/app.py makes it a deployment.
 
 The ingress calls `generate` through a DeploymentHandle with `stream=True` and gets back first `Accepted` (the
 engine took the request: slot or queue place) or a `Refusal`, then the engine's events one by one (token ids
@@ -41,7 +41,7 @@ def device_for(pool: Pool) -> torch.device:
     return torch.device(pool.device)
 
 
-class DenoiserServer:
+class PoolReplica:
     async def __init__(self, model: str, pool: dict, pool_name: str = "default"):  # async: the engine loop needs one
         spec = Pool(**pool)
         sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
@@ -95,7 +95,7 @@ class DenoiserServer:
 
     def record_routing_stats(self) -> dict:
         """Pulled by the controller for serving.routing.StepAwareRouter: the steps left per request, room left,
-        and when they were read (the router counts what it sent after that on top)."""
+        and when they were read (the request router counts what it sent after that on top)."""
         at, canvas = time.time(), self.engine.denoiser.canvas_length
         stats = self.load() | {"work": self.engine.work(), "at": at, "canvas_length": canvas}
         prefix = self.engine.denoiser.prefix
@@ -112,9 +112,9 @@ class DenoiserServer:
         self.engine.check_health()
 
 
-async def local_replica(model: str, pool: dict, pool_name: str = "default") -> DenoiserServer:
+async def local_replica(model: str, pool: dict, pool_name: str = "default") -> PoolReplica:
     """A replica in this process, for tests and in-process benchmarks (serving.ingress.pools.LocalPool). Serve awaits
     the async __init__ itself; plain Python cannot construct such a class, so this does what Serve does."""
-    server = DenoiserServer.__new__(DenoiserServer)
+    server = PoolReplica.__new__(PoolReplica)
     await server.__init__(model, pool, pool_name)
     return server

@@ -205,7 +205,7 @@ class Engine:
         return dataclasses.replace(load, free_slots=min(load.free_slots, room))
 
     def work(self) -> list[int]:
-        """Steps left per live and queued request (the router's view of what a new request would share)."""
+        """Steps left per live and queued request (the request router's view of what a new request would share)."""
         return self.scheduler.work()
 
     def check_health(self) -> None:

@@ -83,7 +83,7 @@ class Job:
 
 @dataclass(frozen=True)
 class Load:
-    """What a replica tells the router: work it has not done yet and room it has left."""
+    """What a replica tells the request router: work it has not done yet and room it has left."""
 
     outstanding_steps: int  # upper bound on denoising steps left for every live and queued request
     live_canvases: int  # canvases being denoised now

@@ -1,7 +1,7 @@
 """Regenerate (or check) the Python modules of protos/diffusiongemma/v1/diffusion.proto.
 
-    python -m protos.generate          # rewrite diffusion_pb2.py, diffusion_pb2_grpc.py, diffusion_pb2.pyi
-    python -m protos.generate --check  # exit 1 if the checked-in modules differ from what protoc makes now
+    python -m protos.compile          # rewrite diffusion_pb2.py, diffusion_pb2_grpc.py, diffusion_pb2.pyi
+    python -m protos.compile --check  # exit 1 if the checked-in modules differ from what protoc makes now
 
 The import root is the repository, so the generated modules import each other as `protos.diffusiongemma.v1`,
 which is where the package installs them (the Serve proxy and replicas import them from there).
@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.check:
         names = stale()
         if names:
-            print(f"stale: {', '.join(names)}; run `python -m protos.generate`", file=sys.stderr)
+            print(f"stale: {', '.join(names)}; run `python -m protos.compile`", file=sys.stderr)
             return 1
         return 0
     generate(ROOT)
