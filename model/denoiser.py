@@ -14,7 +14,9 @@ from dataclasses import dataclass, field
 import torch
 
 from model import rng
+from model.automaton import TokenAutomaton
 from model.config import MAX_TOP_LOGPROBS, SamplerSettings, canvas_count, context_needed
+from model.constraint import canvas_ends, constrained_canvas
 from model.kernels import vocab as vocab_kernel
 from model.kv_cache import KVCache
 from model.network import Network
@@ -33,6 +35,7 @@ class Request:
     settings: SamplerSettings = field(default_factory=SamplerSettings)
     seed: int = 0
     template: list[int] | None = None  # fixed answer tokens, -1 where the sampler fills (Denoiser.admit)
+    constraint: TokenAutomaton | None = None  # the language the answer must be in (model/constraint.py)
 
 
 @dataclass
@@ -51,6 +54,18 @@ class LogProbs:
     chosen: torch.Tensor  # [B, C] of each argmax token
     top_ids: torch.Tensor  # [B, C, K] the K most likely tokens (K: the most any stepped row asked for)
     top: torch.Tensor  # [B, C, K] their log-probabilities
+
+
+@dataclass
+class SlotConstraint:
+    """A constrained slot's walk through its automaton: where its committed canvases left it, where its current
+    argmax canvas would, and where each canvas may end (canvas_ends)."""
+
+    automaton: TokenAutomaton
+    ends: torch.Tensor  # [canvases + 1, S] bool
+    state: torch.Tensor  # 0-d, on the device
+    end: torch.Tensor  # 0-d: after the current argmax canvas
+    canvas: int = 0  # canvases committed
 
 
 @dataclass
@@ -120,6 +135,7 @@ class Denoiser:
         self.templates: dict[int, list[int]] = {}
         self.fixed = torch.zeros(slots, C, dtype=torch.bool, device=dev)
         self.fixed_ids = torch.zeros(slots, C, **i64)
+        self.constraints: dict[int, SlotConstraint] = {}
         self._buffers: tuple[torch.Tensor, torch.Tensor] | None = None
         cuda_graphs = (compile and dev.type == "cuda") if cuda_graphs is None else cuda_graphs
         if cuda_graphs and dev.type != "cuda":
@@ -148,15 +164,26 @@ class Denoiser:
         seed: int,
         logprobs: int | None = None,
         template: list[int] | None = None,
+        constraint: TokenAutomaton | None = None,
+        room: int = 0,
     ) -> None:
         """Claim a free slot for a new request (its prompt goes in with `prefill`). logprobs: None for none, k
         for each committed token's log-probability and the top k alternatives' (k <= MAX_TOP_LOGPROBS).
         template: the answer's first tokens, fixed, with -1 at the positions the sampler fills (canvas k takes
-        template[k*C : (k+1)*C]; positions past its end are free): fixed positions never change."""
+        template[k*C : (k+1)*C]; positions past its end are free): fixed positions never change. constraint:
+        the answer is written in its language, within `room` tokens (model/constraint.py); ValueError when no
+        answer of that room can be."""
         if template is not None and any(not -1 <= t < self.config.vocab_size for t in template):
             raise ValueError(f"template ids must be -1 (free) or within [0, {self.config.vocab_size})")
         if logprobs is not None and not 0 <= logprobs <= MAX_TOP_LOGPROBS:
             raise ValueError(f"logprobs must be within [0, {MAX_TOP_LOGPROBS}], got {logprobs!r}")
+        if constraint is not None:
+            a = constraint.to(self.net.device)
+            ends = canvas_ends(a, room, self.canvas_length, template)
+            if not bool(ends[0, a.start]):
+                raise ValueError(f"no answer of at most {room} tokens matches the constraint (and template)")
+            start = torch.tensor(a.start, device=self.net.device)
+            constrained = SlotConstraint(a, ends, start, start)
         if settings.stability_threshold > self.history.shape[1]:
             raise ValueError(
                 f"stability_threshold {settings.stability_threshold} exceeds this denoiser's {self.history.shape[1]}"
@@ -179,6 +206,10 @@ class Denoiser:
             self.templates[slot] = list(template)
         else:
             self.templates.pop(slot, None)
+        if constraint is not None:
+            self.constraints[slot] = constrained
+        else:
+            self.constraints.pop(slot, None)
 
     def prefill(self, slots: list[int], prompts: list[list[int]]) -> None:
         self.encode(slots, prompts, [])
@@ -232,6 +263,9 @@ class Denoiser:
         slots = torch.tensor(prefill_slots + commit_slots, dtype=torch.int64, device=dev)
         self.net.prefill(self.cache, slots, ids, count)
         self.canvas_index[committed] += 1
+        for slot in (s for s in commit_slots if s in self.constraints):  # the walk goes on where the canvas left it
+            sc = self.constraints[slot]
+            sc.state, sc.canvas = sc.end, sc.canvas + 1
 
     def start_canvas(self, slots: list[int]) -> None:
         """A fresh uniform-random canvas, step 0, empty stability history, no self-conditioning."""
@@ -249,16 +283,17 @@ class Denoiser:
 
     def step(self, slots: list[int]) -> StepResult:
         """One denoising step for each slot: a denoise forward, then the sampler. With CUDA graphs, a step of
-        rows without templates or log-probabilities is one graph replay."""
+        rows without templates, constraints or log-probabilities is one graph replay."""
         idx = torch.tensor(slots, dtype=torch.int64, device=self.net.device)
         templated = any(s in self.templates for s in slots)
         logprobs = any(s in self.wants_logprobs for s in slots)
+        constrained = [(row, s) for row, s in enumerate(slots) if s in self.constraints]
         with torch.inference_mode():
-            if self.step_graphs is not None and not templated and not logprobs:
+            if self.step_graphs is not None and not templated and not logprobs and not constrained:
                 done, steps, argmax = (t.clone() for t in self.step_graphs(idx))
                 lp = None
             else:
-                done, steps, argmax, lp = self._step_core(idx, templated, logprobs)
+                done, steps, argmax, lp = self._step_core(idx, templated, logprobs, constrained)
         return StepResult(done.tolist(), steps.tolist(), argmax, lp)
 
     def _plain_step(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -266,10 +301,13 @@ class Denoiser:
         done, steps, argmax, _ = self._step_core(idx, templated=False, logprobs=False)
         return done, steps, argmax
 
-    def _step_core(self, idx: torch.Tensor, templated: bool, logprobs: bool) -> tuple:
+    def _step_core(
+        self, idx: torch.Tensor, templated: bool, logprobs: bool, constrained: list[tuple[int, int]] = ()
+    ) -> tuple:
         """The step on device tensors: (done [B], steps taken [B], argmax canvases [B, C], LogProbs or None),
         the slots' state written last. Host reads only where the static path does not go (`templated`,
-        `logprobs`, and the skipped self-conditioning MLP and soft embeddings of the dynamic path)."""
+        `logprobs`, the (row, slot) pairs `constrained`, and the skipped self-conditioning MLP and soft
+        embeddings of the dynamic path)."""
         if self.static_shapes:
             soft = self.soft[idx]
         else:  # skip the self-conditioning MLP when every row is on its first step
@@ -291,6 +329,8 @@ class Denoiser:
             sample = torch.where(fixed, fixed_ids, sample)
             entropy = entropy.masked_fill(fixed, 0.0)
             free, fixed_rows = ~fixed, fixed.any(-1)
+        if constrained:
+            argmax, sample = self._constrain(constrained, hidden, temp, idx, step, argmax.clone(), sample.clone(), lp)
         history = self.history[idx]
         d = decide(
             entropy,
@@ -328,8 +368,26 @@ class Denoiser:
         self.fixed_ids[slot] = ids.clamp(min=0)
         self.canvas[slot] = torch.where(self.fixed[slot], self.fixed_ids[slot], self.canvas[slot])
 
+    def _constrain(self, rows, hidden, temp, idx, step, argmax, sample, lp: LogProbs | None) -> tuple:
+        """The constrained rows' argmax and sample canvases, each chosen as one path of its automaton from the
+        row's own untempered logits (recomputed for these rows: the vocabulary pass keeps no [C, V] row)."""
+        C, cap = self.canvas_length, self.config.final_logit_softcapping
+        uniform = rng.random_uniform(self.seed[idx], self.canvas_index[idx], step, rng.PATH, 2 * (C + 1))
+        for row, slot in rows:
+            sc = self.constraints[slot]
+            x = (hidden[row] * (2 / cap)).to(self.net.dtype)
+            logits = (x @ self.net.w.embed.T).float().sigmoid_().mul_(2 * cap).sub_(cap)  # the softcapped logits
+            fixed = torch.where(self.fixed[slot], self.fixed_ids[slot], -1) if slot in self.templates else None
+            ends = sc.ends[min(sc.canvas + 1, len(sc.ends) - 1)]
+            out = constrained_canvas(sc.automaton, sc.state, logits, temp[row], ends, uniform[row].view(2, -1), fixed)
+            argmax[row], sample[row], sc.end = out.argmax, out.sample, out.argmax_end
+            if lp is not None and slot in self.wants_logprobs:  # the chosen tokens' own, top-k as the model saw it
+                lp.chosen[row] = torch.log_softmax(logits, -1).gather(1, out.argmax[:, None])[:, 0]
+        return argmax, sample
+
     def commit(self, slots: list[int]) -> None:
-        """Encode the slots' argmax canvases into the cache; the next canvas starts after them."""
+        """Encode the slots' argmax canvases into the cache; the next canvas starts after them (a constrained
+        slot's walk where its canvas left it)."""
         self.encode([], [], slots)
 
     def release(self, slots: list[int]) -> None:
@@ -337,6 +395,7 @@ class Denoiser:
         for slot in slots:
             self.templates.pop(slot, None)
             self.wants_logprobs.discard(slot)
+            self.constraints.pop(slot, None)
 
     # ---------------------------------------------------------------- the vocabulary pass
 
@@ -505,7 +564,8 @@ class Denoiser:
                 )
         slots = list(range(len(requests)))
         for s, r in zip(slots, requests):
-            self.admit(s, r.settings, r.seed, template=r.template)
+            room = canvas_count(r.max_new_tokens, C) * C
+            self.admit(s, r.settings, r.seed, template=r.template, constraint=r.constraint, room=room)
         self.prefill(slots, [r.prompt for r in requests])
         self.start_canvas(slots)
         out = [Generation([], "length", []) for _ in requests]

@@ -17,6 +17,7 @@ _M2 = -7723592293110705685  # 0x94D049BB133111EB
 INIT = 0  # the uniform random starting canvas
 NOISE = 1  # the ids that replace rejected positions
 DRAW = 2  # the uniform that picks the categorical sample
+PATH = 3  # the uniforms that draw a constrained row's path (model/constraint.py)
 
 
 def _shr(x: torch.Tensor, k: int) -> torch.Tensor:

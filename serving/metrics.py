@@ -34,6 +34,8 @@ Front end (labels `tier`, `protocol` = http / grpc):
 - dgs_frontend_time_to_first_canvas_seconds, dgs_frontend_latency_seconds (histograms): as the client sees them
 - dgs_frontend_refusals_total (counter, by `reason`): the field an invalid request broke, `queue_full`, or
   `no_replica`
+- dgs_frontend_structured_total (counter, by `tier` and `kind`): accepted requests with structured outputs
+  (json_schema, json_object, regex, choice)
 """
 
 from __future__ import annotations
@@ -188,6 +190,9 @@ class FrontendMetrics:
     )
     key_tokens: Any = Spec(
         "counter", "dgs_frontend_key_tokens", "Prompt and generated tokens by API key id", ("key_id",)
+    )
+    structured: Any = Spec(
+        "counter", "dgs_frontend_structured", "Accepted requests with structured outputs, by kind", ("tier", "kind")
     )
 
 

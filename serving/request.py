@@ -2,7 +2,8 @@
 stream of events), and every error with the reply it gets on each protocol (ERRORS).
 
 The engine speaks token ids only: the ingress owns tokenization and chat templates, so gRPC clients can send
-ids directly and replicas never load a tokenizer. A replica answers a request first with `Accepted` or a
+ids directly and replicas never load a tokenizer (a constraint is text, a regular expression: the replica reads
+its checkpoint's token bytes to walk it in tokens). A replica answers a request first with `Accepted` or a
 `Refusal`, then with the engine's events. Nothing here imports torch or Ray: the ingress shares these types.
 """
 
@@ -103,6 +104,17 @@ def retry_after(exc: BaseException) -> float | None:
     return getattr(exc, "retry_after_s", None)
 
 
+@dataclass(frozen=True)
+class Constraint:
+    """What the answer's text must match: a regular expression over the whole answer (the ingress turns JSON
+    schemas and choices into one). `field` is the request field it came from, named by a refusal; `kind`
+    (json_schema, json_object, regex, choice) labels metrics."""
+
+    regex: str
+    field: str = "structured_outputs"
+    kind: str = "regex"
+
+
 @dataclass
 class GenerateRequest:
     prompt: list[int]  # token ids, chat template already applied
@@ -116,6 +128,8 @@ class GenerateRequest:
     logprobs: int | None = None
     # a canvas template: the answer's first tokens, fixed, with -1 where the sampler fills (model/denoiser.py)
     template: list[int] | None = None
+    # the answer is written in this language, valid by construction (model/constraint.py)
+    constraint: Constraint | None = None
 
     def __post_init__(self) -> None:
         if self.seed is None:

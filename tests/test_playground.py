@@ -1,19 +1,23 @@
 """The playground page in a real headless browser (Debian's Chromium, driven by Playwright) against
 `serve run deploy/config.yaml`: the page loads with the tiers, a request streams its drafts (each replacing the
-last) before its final text, the usage shows, and a screenshot is saved (runs/playground.png)."""
+last) before its final text, the usage shows, a screenshot is saved (runs/playground.png), and a JSON schema in
+its box makes the answer one that validates."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
 
+import jsonschema
 import pytest
 
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parent.parent
 BROWSER = os.environ.get("PLAYGROUND_BROWSER") or shutil.which("chromium") or "/usr/bin/chromium"
+SCHEMA = {"type": "object", "properties": {"answer": {"type": "string", "maxLength": 12}}, "required": ["answer"]}
 
 
 def test_the_playground_shows_the_canvas_denoising_live(shipped_app):
@@ -51,6 +55,14 @@ def test_the_playground_shows_the_canvas_denoising_live(shipped_app):
             final = page.text_content("#final")
             usage = page.inner_text("#usage")
             page.screenshot(path=str(shot), full_page=True)
+
+            # a schema's answer denoising: the same page with structured outputs
+            page.evaluate("document.body.dataset.state = ''")
+            page.fill("#prompt", "sort: 4213")
+            page.fill("#schema", json.dumps(SCHEMA))
+            page.click("#go")
+            page.wait_for_function("document.body.dataset.state === 'done'", timeout=120_000)
+            shaped = page.text_content("#final")
         finally:
             browser.close()
     assert not errors, errors
@@ -58,4 +70,5 @@ def test_the_playground_shows_the_canvas_denoising_live(shipped_app):
     assert final.strip() and len(final.split()) == 3 and len(set(final.split())) == 3, final
     assert "steps per canvas" in usage and "tokens/s" in usage and "time to first canvas" in usage
     assert shot.stat().st_size > 10_000
+    jsonschema.validate(json.loads(shaped), SCHEMA)
     print(f"{drafts} drafts; final {final!r}; screenshot {shot}")

@@ -36,14 +36,14 @@ from loadtest.drills.reliability import DEADLINE_S, http_stream, http_unary
 from loadtest.local_cluster import local_cluster
 from loadtest.serve_run import ROOT, free_port
 
-DENOISER = "ServeReplica:diffusiongemma:Pool-cpu"
+POOL_REPLICA = "ServeReplica:diffusiongemma:Pool-cpu"
 
 
 def replica_nodes(address: str) -> list[str]:
     from ray.util.state import list_actors
 
     actors = list_actors(address=address, filters=[("state", "=", "ALIVE")], limit=1000)
-    return sorted(a.node_id for a in actors if a.class_name == DENOISER)
+    return sorted(a.node_id for a in actors if a.class_name == POOL_REPLICA)
 
 
 async def clients(url: str, workers: int, stop: threading.Event, first_canvas: asyncio.Event) -> list:

@@ -8,6 +8,9 @@ Two kinds of checkable tasks, plus plain English from the `pydoc_data` topics th
    every free position sees the same spread of choices, so committing them all at once (argmax of each) repeats a
    letter or mixes squares, while each extra denoising step pins one more position and the rest follow.
 
+Any task may also be asked for its answer as JSON (`as_json`): the prompt ends with JSON_ASK and the answer is
+`{"answer": "<the plain answer>"}`, what structured outputs ask of the model (bench/eval_structured.py).
+
 Letters are written space-separated and digits unspaced: the tokenizer splits digits one per token, and a
 space before a letter belongs to the letter's token, so every letter and digit is one token. Answers in letters
 start with a space too, so an answer's first letter is the same token as that letter in the prompt (without
@@ -17,6 +20,7 @@ it the model has to learn that `x` and ` x` are one letter before it can tell wh
 from __future__ import annotations
 
 import itertools
+import json
 import random
 import re
 from collections.abc import Callable
@@ -33,11 +37,19 @@ LATIN_SQUARES = [
 ]
 
 
+JSON_ASK = " (answer in json)"
+
+
 @dataclass(frozen=True)
 class Example:
     task: str
     prompt: str
     answer: str  # one right answer (for many-answer tasks: one of several)
+
+
+def as_json(e: Example) -> Example:
+    """The same task asked for a JSON answer: {"answer": "<the plain answer>"}."""
+    return Example(e.task, e.prompt + JSON_ASK, json.dumps({"answer": e.answer}))
 
 
 def spaced(items) -> str:
@@ -90,7 +102,17 @@ def make(task: str, rnd: random.Random) -> Example:
 
 
 def check(example: Example, reply: str) -> bool:
-    """Does `reply` solve the example's task? Exact match for single-answer tasks, validity for the others."""
+    """Does `reply` solve the example's task? Exact match for single-answer tasks, validity for the others; a
+    JSON example's reply must be {"answer": ...} with an answer that would pass plain."""
+    if example.prompt.endswith(JSON_ASK):
+        try:
+            value = json.loads(reply)
+        except ValueError:
+            return False
+        if not isinstance(value, dict) or not isinstance(value.get("answer"), str):
+            return False
+        plain = Example(example.task, example.prompt[: -len(JSON_ASK)], json.loads(example.answer)["answer"])
+        return check(plain, value["answer"])
     got = reply.split()
     if example.task in SINGLE:
         return got == example.answer.split()
@@ -165,9 +187,11 @@ def training_batches(
     exclude: set[str],
     english_share: float = 0.05,
     weights: tuple[float, ...] = DEFAULT_WEIGHTS,
+    json_share: float = 0.0,
 ) -> Callable[[], list[Example]]:
     """Deterministic under its seed: every call returns the next batch. English passages come in batches of
-    their own, so the short task prompts are not padded to the length of a passage."""
+    their own, so the short task prompts are not padded to the length of a passage. A `json_share` of the task
+    examples are asked for JSON answers (as_json; 0 draws nothing more, so earlier runs repeat)."""
     rnd = random.Random(seed)
     passages = english_passages()
     tasks = SINGLE + MANY
@@ -176,7 +200,7 @@ def training_batches(
         while True:
             e = make(rnd.choices(tasks, weights)[0], rnd)
             if e.prompt not in exclude:
-                return e
+                return as_json(e) if json_share and rnd.random() < json_share else e
 
     def next_batch() -> list[Example]:
         if rnd.random() < english_share:

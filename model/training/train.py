@@ -240,6 +240,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     ap.add_argument("--rate-power", type=float, default=1.0, help="corruption rate t = u ** power, u ~ U(0, 1)")
     ap.add_argument("--english-share", type=float, default=0.05, help="fraction of batches of English passages")
+    ap.add_argument("--json-share", type=float, default=0.0, help="fraction of task examples asked for JSON answers")
     ap.add_argument(
         "--task-weights",
         default=",".join(map(str, tasks.DEFAULT_WEIGHTS)),
@@ -264,7 +265,7 @@ def main(argv: list[str] | None = None) -> None:
         compile_layers(model)
     held = {e.prompt for e in tasks.held_out()}
     weights = tuple(float(w) for w in args.task_weights.split(","))
-    next_batch = tasks.training_batches(args.seed, args.batch, held, args.english_share, weights)
+    next_batch = tasks.training_batches(args.seed, args.batch, held, args.english_share, weights, args.json_share)
     rnd = torch.Generator().manual_seed(args.seed)
     params = [p for n, p in model.named_parameters() if "vision" not in n]
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.98), weight_decay=0.01)

@@ -41,6 +41,7 @@ from serving.ingress.detokenize import CanvasChunk, Chunk, DoneChunk, TextStream
 from serving.ingress.pools import PoolClient, resent_once, send
 from serving.metrics import frontend_metrics
 from serving.request import (
+    Constraint,
     Draining,
     EngineFailure,
     GenerateRequest,
@@ -73,6 +74,7 @@ class ClientRequest:
     overrides: dict[str, Any] = field(default_factory=dict)  # sampler field -> value (None: the tier's)
     seed: int | None = None
     max_new_tokens: int | None = None  # None: the deployment's default
+    constraint: Constraint | None = None  # structured outputs: what the answer must match
     stream_drafts: bool = False
     request_id: str | None = None  # None: a new one
     logprobs: int | None = None  # None: none; k: each committed token's and its top k alternatives'
@@ -238,6 +240,7 @@ class Frontend:
             tier=name,
             logprobs=asked.logprobs,
             template=asked.template,
+            constraint=asked.constraint,
         )
 
     def _refused(self, tier: str, protocol: str, exc: Exception, key_id: str | None) -> None:
@@ -262,6 +265,8 @@ class Frontend:
             if grant is not None:
                 grant.release()
             raise
+        if request.constraint is not None:
+            self.metrics.structured.labels(request.tier, request.constraint.kind).inc()
         events = resent_once(events, lambda: send(pool, pool_name, request, tries=1))
         text = TextStream(self.tokenizer, asked.stop, asked.special_tokens, len(request.prompt), started)
         chunks = self._accounted(text.chunks(events), request.tier, protocol, started, grant)

@@ -17,11 +17,12 @@ from grpc_health.v1 import health_pb2
 from pydantic import ValidationError
 
 from protos.diffusiongemma.v1 import diffusion_pb2 as pb
+from serving.ingress import structured
 from serving.ingress.detokenize import CanvasChunk, DoneChunk, DraftChunk
 from serving.ingress.frontend import ClientRequest, Frontend, Opened
 from serving.ingress.protocol import MAX_FREE
 from serving.ingress.stop import check_stops
-from serving.request import InvalidRequest, Unavailable, Usage, reply_for, retry_after
+from serving.request import Constraint, InvalidRequest, Unavailable, Usage, reply_for, retry_after
 from serving.sampling import OVERRIDE_NAMES, SamplerOverrides
 
 
@@ -42,6 +43,24 @@ def overrides(req: pb.GenerateRequest) -> dict:
         name = ".".join(str(p) for p in first["loc"])
         raise InvalidRequest(name, first["msg"]) from exc
     return given
+
+
+def constraint(req: pb.GenerateRequest) -> Constraint | None:
+    """The message's structured outputs, converted as the HTTP bodies' are."""
+    if not req.HasField("structured_outputs"):
+        return None
+    so = req.structured_outputs
+    kind = so.WhichOneof("kind")
+    field = f"structured_outputs.{kind}"
+    if kind == "json":
+        return structured.json_schema_constraint(so.json, field)
+    if kind == "regex":
+        return structured.regex_constraint(so.regex, field)
+    if kind == "choice":
+        return structured.choice_constraint(list(so.choice.values), field)
+    if kind == "json_object" and so.json_object:
+        return structured.json_object_constraint(field)
+    raise InvalidRequest("structured_outputs", "set one of json, json_object (true), regex or choice")
 
 
 def set_error(context: Any, exc: Exception) -> None:
@@ -86,6 +105,7 @@ class DiffusionServicer:
             ids, tier=req.tier or None, header_tier=metadata.get("x-tier"), overrides=overrides(req), seed=seed,
             max_new_tokens=req.max_new_tokens or None, stream_drafts=req.stream_drafts,
             request_id=metadata.get("x-request-id"), template=self._template(req), stop=stops or [],
+            constraint=constraint(req),
         )  # fmt: skip
 
     def _template(self, req: pb.GenerateRequest) -> list[int] | None:

@@ -65,16 +65,16 @@ class OpenAIHandler:
                                  request, chat=True)  # fmt: skip
 
     async def handle(self, body: OpenAIOptions, prompt: Callable[[], list[int]], request: Request, chat: bool):
+        base = asked_of(request) | {"request_id": request.headers.get("x-request-id") or new_request_id()}
         try:
             template = self._checked(body, chat)
             ids = prompt()
+            asked = body.client_request(
+                ids, max_new_tokens=body.length(), logprobs=body.top_logprobs_asked(), stop=body.stop or [],
+                special_tokens=chat, template=template, **base,
+            )  # fmt: skip
         except InvalidRequest as exc:
             return error_reply(exc)
-        base = asked_of(request) | {"request_id": request.headers.get("x-request-id") or new_request_id()}
-        asked = body.client_request(
-            ids, max_new_tokens=body.length(), logprobs=body.top_logprobs_asked(), stop=body.stop or [],
-            special_tokens=chat, template=template, **base,
-        )  # fmt: skip
         tools_on = chat and bool(body.tools) and body.tool_choice != "none"
         choices = await self._open_choices(body.n, asked, key_of(request), chat, tools_on)
         if isinstance(choices, JSONResponse):

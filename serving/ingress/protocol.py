@@ -24,8 +24,10 @@ from pydantic import (
 )
 
 from model.config import MAX_TOP_LOGPROBS
+from serving.ingress import structured
 from serving.ingress.frontend import ClientRequest
 from serving.ingress.stop import check_stops
+from serving.request import Constraint, InvalidRequest
 from serving.sampling import OVERRIDE_NAMES, SamplerOverrides
 
 # OpenAI fields that exist but that this server does not implement, each with the values that mean "not used"
@@ -52,18 +54,57 @@ MAX_FREE = 4096  # free positions one template part may ask for
 STRICT = ConfigDict(extra="forbid")
 
 
+class StructuredOutputs(BaseModel):
+    """vLLM's structured_outputs: exactly one of a JSON schema, any JSON object, a regex or a list of choices."""
+
+    model_config = STRICT
+
+    json_: dict | bool | str | None = Field(None, alias="json")
+    json_object: StrictBool | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+
+    @model_validator(mode="after")
+    def _one(self) -> StructuredOutputs:
+        given = [k for k in ("json_", "regex", "choice") if getattr(self, k) is not None] + (
+            ["json_object"] if self.json_object else []
+        )
+        if len(given) != 1:
+            raise ValueError("give exactly one of json, json_object, regex or choice")
+        return self
+
+    def constraint(self) -> Constraint:
+        field = "structured_outputs."
+        if self.json_ is not None:
+            return structured.json_schema_constraint(self.json_, field + "json")
+        if self.regex is not None:
+            return structured.regex_constraint(self.regex, field + "regex")
+        if self.choice is not None:
+            return structured.choice_constraint(self.choice, field + "choice")
+        return structured.json_object_constraint(field + "json_object")
+
+
 class Diffusion(SamplerOverrides):
-    """The diffusion controls, shared by every route: tier, seed and the sampler overrides (serving/sampling.py).
-    `temperature` is one of them: a factor on the tier's t_max -> t_min schedule, 0 for the argmax path."""
+    """The diffusion controls, shared by every route: tier, seed, the sampler overrides (serving/sampling.py)
+    and structured outputs. `temperature` is one of the overrides: a factor on the tier's t_max -> t_min
+    schedule, 0 for the argmax path."""
 
     tier: str | None = None
     seed: StrictInt | None = Field(None, ge=0, lt=2**62)
+    structured_outputs: StructuredOutputs | None = None
+
+    def constraint(self) -> Constraint | None:
+        """What the answer must match (InvalidRequest naming the field where it cannot be)."""
+        return None if self.structured_outputs is None else self.structured_outputs.constraint()
 
     def client_request(self, prompt: list[int], **asked: Any) -> ClientRequest:
         """The request this body makes: its diffusion controls, and `asked` (length, id, stops...) as the route
         reads them."""
         overrides = {k: getattr(self, k) for k in OVERRIDE_NAMES}
-        return ClientRequest(prompt, tier=self.tier, seed=self.seed, overrides=overrides, **asked)
+        constraint = self.constraint()
+        return ClientRequest(
+            prompt, tier=self.tier, seed=self.seed, overrides=overrides, constraint=constraint, **asked
+        )
 
 
 class StreamOptions(BaseModel):
@@ -71,6 +112,30 @@ class StreamOptions(BaseModel):
 
     include_usage: StrictBool = False  # a last chunk, before [DONE], with no choices and the usage of the request
     continuous_usage_stats: StrictBool = False  # vLLM's: the usage so far on every chunk too
+
+
+class JsonSchema(BaseModel):
+    """response_format's json_schema, as OpenAI defines it (strict or not, the answer always matches)."""
+
+    model_config = STRICT
+
+    name: str = Field("response", max_length=64)
+    description: str | None = None
+    schema_: dict | bool = Field(True, alias="schema")
+    strict: StrictBool | None = None
+
+
+class ResponseFormat(BaseModel):
+    model_config = STRICT
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchema | None = None
+
+    @model_validator(mode="after")
+    def _schema(self) -> ResponseFormat:
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError("json_schema is given with, and only with, type json_schema")
+        return self
 
 
 class OpenAIOptions(Diffusion):
@@ -82,7 +147,7 @@ class OpenAIOptions(Diffusion):
     user: str | None = None
     n: StrictInt = Field(1, ge=1, le=MAX_CHOICES)
     stop: Stops = None
-    response_format: dict | None = None
+    response_format: ResponseFormat | None = None
     # accepted only at their neutral values (NEUTRAL)
     top_p: float | None = None
     best_of: StrictInt | None = None
@@ -92,12 +157,16 @@ class OpenAIOptions(Diffusion):
     logit_bias: dict | None = None
     suffix: str | None = None
 
-    @field_validator("response_format")
-    @classmethod
-    def _format(cls, v: dict | None) -> dict | None:
-        if v is not None and v.get("type") != "text":
-            raise ValueError("only {'type': 'text'} is supported; a JSON answer can be seeded with canvas templates")
-        return v
+    def constraint(self) -> Constraint | None:
+        asked = super().constraint()
+        rf = self.response_format
+        if rf is None or rf.type == "text":
+            return asked
+        if asked is not None:
+            raise InvalidRequest("response_format", "give response_format or structured_outputs, not both")
+        if rf.type == "json_object":
+            return structured.json_object_constraint("response_format")
+        return structured.json_schema_constraint(rf.json_schema.schema_, "response_format.json_schema.schema")
 
     def unsupported(self) -> str | None:
         """The first OpenAI field set to something this server does not do."""

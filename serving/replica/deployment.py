@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator
 
 import torch
 
+from model.automaton import vocabulary_of
 from model.denoiser import Denoiser
 from model.kernels import resolve
 from model.weights import load_network
@@ -66,6 +67,7 @@ class PoolReplica:
             max_slowdown=spec.max_slowdown,
             row_buckets=buckets,
             name=pool_name,
+            vocabulary=vocabulary_of(ckpt.path),
         )
         self.engine.start()
         log.info(
@@ -81,6 +83,8 @@ class PoolReplica:
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[Accepted | Refusal | Event]:
         try:
+            if request.constraint is not None:
+                await self.engine.constraints.prepare(request.constraint)
             stream = self.engine.submit(request)
         except (InvalidRequest, Overloaded) as exc:
             yield Refusal.of(exc)

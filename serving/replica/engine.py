@@ -22,9 +22,11 @@ from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry
 
+from model.automaton import TokenVocabulary
 from model.config import MAX_TOP_LOGPROBS, canvas_count
 from model.denoiser import Denoiser
 from serving.metrics import engine_metrics
+from serving.replica.constraints import Constraints
 from serving.replica.latency_bound import LatencyBound
 from serving.replica.runner import ModelRunner
 from serving.replica.scheduler import Committed, Drafted, Failed, Finished, Job, Load, Outcome, Phase, Report, Scheduler
@@ -105,10 +107,14 @@ class Engine:
         registry: CollectorRegistry | None = None,  # None: Ray's metrics in a Ray process, else the default
         stuck_after_s: float = 120.0,
         max_slowdown: float | None = None,
+        vocabulary: TokenVocabulary | None = None,
     ):
         """`row_buckets` pads every denoising forward up to the next listed row count (serving/replica/runner.py);
-        `max_slowdown` caps the requests held by the latency they would see (serving/replica/latency_bound.py)."""
+        `max_slowdown` caps the requests held by the latency they would see (serving/replica/latency_bound.py);
+        `vocabulary`, the checkpoint's token bytes, lets requests bring constraints (serving/replica/constraints.py)."""
         self.denoiser = denoiser
+        d = denoiser
+        self.constraints = Constraints(vocabulary, tuple(sorted(d.eos_ids)), d.config.vocab_size, d.net.device)
         self.runner = ModelRunner(denoiser, row_buckets)
         slots = self.runner.slots
         rows = min(max_batch_rows or slots, slots)
@@ -152,11 +158,11 @@ class Engine:
     def submit(self, request: GenerateRequest) -> RequestStream:
         """Queue a request. Raises InvalidRequest if it can never be served, Overloaded if the queue is full."""
         try:
-            self._validate(request)
+            automaton = self._validate(request)
         except InvalidRequest:
             self.metrics.requests.labels(self.name, "rejected").inc()
             raise
-        job = Job(request, self.denoiser.canvas_length)
+        job = Job(request, self.denoiser.canvas_length, automaton=automaton)
         limit = self.latency_bound.limit() if self.latency_bound is not None else None
         refused = self.scheduler.submit(job, limit)
         if refused is not None:
@@ -329,7 +335,8 @@ class Engine:
 
     # ---------------------------------------------------------------- validation
 
-    def _validate(self, r: GenerateRequest) -> None:
+    def _validate(self, r: GenerateRequest) -> object | None:
+        """InvalidRequest naming the field where the request cannot be served; its compiled constraint if any."""
         d = self.denoiser
         vocab = d.config.vocab_size
         if not r.prompt:
@@ -358,3 +365,7 @@ class Engine:
             )
         if self.scheduler.find(r.request_id) is not None:
             raise InvalidRequest("request_id", f"{r.request_id!r} is already in flight")
+        if r.constraint is None:
+            return None
+        room = canvas_count(r.max_new_tokens, d.canvas_length) * d.canvas_length
+        return self.constraints.check(r.constraint, room, d.canvas_length, r.template)

@@ -62,7 +62,8 @@ class ModelRunner:
         for job in plan.admit:
             try:
                 r = job.request
-                d.admit(job.slot, r.settings, r.seed, r.logprobs, r.template)
+                room = job.canvases_total * d.canvas_length
+                d.admit(job.slot, r.settings, r.seed, r.logprobs, r.template, job.automaton, room)
             except Exception as exc:
                 out.failed[job.id] = exc
         encode = [j for j in plan.admit + plan.commit if j.id not in out.failed]

@@ -62,6 +62,7 @@ class Job:
     last_stepped: int = -1  # scheduler iteration of the last denoising step
     cached_tokens: int = 0  # prompt tokens its prefill took from the prefix cache
     cancelled: bool = False
+    automaton: object | None = None  # the request's constraint compiled for this replica's tokens, at submit
 
     @property
     def id(self) -> str:

@@ -41,7 +41,7 @@ class TemplatePart(_message.Message):
     def __init__(self, text: _Optional[str] = ..., free: _Optional[int] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("text", "raw_prompt", "token_ids", "tier", "max_new_tokens", "seed", "sampler", "stream_drafts", "stop", "template")
+    __slots__ = ("text", "raw_prompt", "token_ids", "tier", "max_new_tokens", "seed", "sampler", "stream_drafts", "stop", "template", "structured_outputs")
     TEXT_FIELD_NUMBER: _ClassVar[int]
     RAW_PROMPT_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -52,6 +52,7 @@ class GenerateRequest(_message.Message):
     STREAM_DRAFTS_FIELD_NUMBER: _ClassVar[int]
     STOP_FIELD_NUMBER: _ClassVar[int]
     TEMPLATE_FIELD_NUMBER: _ClassVar[int]
+    STRUCTURED_OUTPUTS_FIELD_NUMBER: _ClassVar[int]
     text: str
     raw_prompt: str
     token_ids: TokenIds
@@ -62,7 +63,26 @@ class GenerateRequest(_message.Message):
     stream_drafts: bool
     stop: _containers.RepeatedScalarFieldContainer[str]
     template: _containers.RepeatedCompositeFieldContainer[TemplatePart]
-    def __init__(self, text: _Optional[str] = ..., raw_prompt: _Optional[str] = ..., token_ids: _Optional[_Union[TokenIds, _Mapping]] = ..., tier: _Optional[str] = ..., max_new_tokens: _Optional[int] = ..., seed: _Optional[int] = ..., sampler: _Optional[_Union[SamplerOverrides, _Mapping]] = ..., stream_drafts: _Optional[bool] = ..., stop: _Optional[_Iterable[str]] = ..., template: _Optional[_Iterable[_Union[TemplatePart, _Mapping]]] = ...) -> None: ...
+    structured_outputs: StructuredOutputs
+    def __init__(self, text: _Optional[str] = ..., raw_prompt: _Optional[str] = ..., token_ids: _Optional[_Union[TokenIds, _Mapping]] = ..., tier: _Optional[str] = ..., max_new_tokens: _Optional[int] = ..., seed: _Optional[int] = ..., sampler: _Optional[_Union[SamplerOverrides, _Mapping]] = ..., stream_drafts: _Optional[bool] = ..., stop: _Optional[_Iterable[str]] = ..., template: _Optional[_Iterable[_Union[TemplatePart, _Mapping]]] = ..., structured_outputs: _Optional[_Union[StructuredOutputs, _Mapping]] = ...) -> None: ...
+
+class StructuredOutputs(_message.Message):
+    __slots__ = ("json", "json_object", "regex", "choice")
+    JSON_FIELD_NUMBER: _ClassVar[int]
+    JSON_OBJECT_FIELD_NUMBER: _ClassVar[int]
+    REGEX_FIELD_NUMBER: _ClassVar[int]
+    CHOICE_FIELD_NUMBER: _ClassVar[int]
+    json: str
+    json_object: bool
+    regex: str
+    choice: Choices
+    def __init__(self, json: _Optional[str] = ..., json_object: _Optional[bool] = ..., regex: _Optional[str] = ..., choice: _Optional[_Union[Choices, _Mapping]] = ...) -> None: ...
+
+class Choices(_message.Message):
+    __slots__ = ("values",)
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    values: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, values: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Usage(_message.Message):
     __slots__ = ("prompt_tokens", "generated_tokens", "canvases", "steps_per_canvas", "queue_time_s", "time_to_first_canvas_s", "total_time_s", "cached_tokens")
