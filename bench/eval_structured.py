@@ -7,9 +7,9 @@ the constraint keep what the model knows?
    constrained (response_format json_schema through the openai SDK, structured_outputs on /v1/generate for
    regexes and choices) and once without the constraint (the same prompt, the schema only described in it): the
    share of answers that parse and validate (jsonschema; a full regex match; one of the choices), per kind.
-2. Knowledge: --per-task held-out examples of each embedded-model task, answered plainly and asked for
-   {"answer": "..."} (ANSWER_SCHEMA) at the same tier: each task's accuracy both ways (model/training/tasks.py
-   checks the answer string).
+2. Knowledge: --per-task held-out examples of each embedded-model task at the same tier, answered plainly, and
+   asked for {"answer": "..."} (tasks.as_json) with ANSWER_SCHEMA enforced and without it: each task's accuracy
+   all three ways (model/training/tasks.py checks the answer string).
 
 Prints one JSON object.
 """
@@ -28,7 +28,7 @@ import httpx
 import jsonschema
 
 from loadtest.serve_run import ServeRun, shipped_config
-from model.training.tasks import MANY, SINGLE, check, held_out
+from model.training.tasks import MANY, SINGLE, as_json, check, held_out
 
 S = {"type": "string"}
 I = {"type": "integer"}  # noqa: E741
@@ -211,21 +211,25 @@ def validity(app, client, prompts: int, tier: str) -> dict:
 
 
 def knowledge(app, client, per_task: int, tier: str) -> dict:
+    """Per task: the plain prompt's accuracy, and the same prompt asked for JSON (tasks.as_json) with the schema
+    enforced ("json") and without it ("json_free": what the model writes asked in words alone)."""
     out = {}
     examples = held_out()
     for task in SINGLE + MANY:
         chosen = [e for e in examples if e.task == task][:per_task]
-        plain = shaped = 0
+        plain = shaped = free = 0
         for e in chosen:
-            plain += check(e, _plain(app, e.prompt, tier))
-            text = ask(app, client, "json", ANSWER_SCHEMA, e.prompt, tier, constrained=True, max_tokens=64)
-            shaped += check(e, json.loads(text)["answer"])
-        out[task] = {"plain": round(plain / len(chosen), 3), "json": round(shaped / len(chosen), 3)}
+            asked = as_json(e)
+            plain += check(e, _plain(app, e.prompt, tier, 32))
+            shaped += check(asked, ask(app, client, "json", ANSWER_SCHEMA, asked.prompt, tier, True, max_tokens=64))
+            free += check(asked, _plain(app, asked.prompt, tier, 64))
+        n = len(chosen)
+        out[task] = {"plain": round(plain / n, 3), "json": round(shaped / n, 3), "json_free": round(free / n, 3)}
     return out
 
 
-def _plain(app, prompt: str, tier: str) -> str:
-    body = {"text": prompt, "max_new_tokens": 32, "tier": tier, "seed": 0}
+def _plain(app, prompt: str, tier: str, max_tokens: int) -> str:
+    body = {"text": prompt, "max_new_tokens": max_tokens, "tier": tier, "seed": 0}
     return httpx.post(f"{app.http}/v1/generate", json=body, timeout=120).json()["text"]
 
 
