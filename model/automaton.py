@@ -141,13 +141,16 @@ class TokenVocabulary:
 
     pieces: tuple[bytes | None, ...]
     fingerprint: str
+    special_ids: tuple[tuple[str, int], ...] = ()  # each special token's text and id
 
     @classmethod
-    def of(cls, pieces) -> TokenVocabulary:
+    def of(cls, pieces, special_ids: dict[str, int] | None = None) -> TokenVocabulary:
         digest = hashlib.sha256()
         for b in pieces:
             digest.update(b"\x00" if b is None else len(b).to_bytes(4, "little") + b)
-        return cls(tuple(pieces), digest.hexdigest())
+        named = tuple(sorted((special_ids or {}).items()))
+        digest.update(repr(named).encode())
+        return cls(tuple(pieces), digest.hexdigest(), named)
 
     def __hash__(self) -> int:
         return hash(self.fingerprint)
@@ -159,7 +162,11 @@ class TokenVocabulary:
 def vocabulary_of(checkpoint: str | Path) -> TokenVocabulary | None:
     """The token bytes of a checkpoint folder's tokenizer.json; None when it has none (ids-only checkpoints)."""
     path = Path(checkpoint) / "tokenizer.json"
-    return TokenVocabulary.of(token_bytes(json.loads(path.read_text()))) if path.exists() else None
+    if not path.exists():
+        return None
+    tokenizer = json.loads(path.read_text())
+    specials = {t["content"]: t["id"] for t in tokenizer.get("added_tokens", []) if t.get("special")}
+    return TokenVocabulary.of(token_bytes(tokenizer), specials)
 
 
 # outlines-core (0.2.14) drops the transitions that leave a final state for a non-final one, so `a+b?` would end
@@ -170,15 +177,24 @@ END_MARKERS = ("\U0010fffd", "\U000ffffd", "\ufdd0")
 
 
 @lru_cache(maxsize=256)
-def compile_regex(regex: str, vocabulary: TokenVocabulary, eos_ids: tuple[int, ...], vocab_size: int) -> TokenAutomaton:
-    """The automaton of `regex` over `vocabulary` (token_bytes), ending with any of `eos_ids`; cached per (regex,
-    vocabulary). AutomatonError where it cannot be served."""
+def compile_regex(
+    regex: str,
+    vocabulary: TokenVocabulary,
+    eos_ids: tuple[int, ...],
+    vocab_size: int,
+    specials: tuple[tuple[int, str], ...] = (),
+) -> TokenAutomaton:
+    """The automaton of `regex` over `vocabulary` (token_bytes), ending with any of `eos_ids`; `specials` lets
+    special token ids stand for characters of the regex (its placeholders); cached per argument. AutomatonError
+    where it cannot be served."""
     import outlines_core
 
     by_bytes: dict[bytes, list[int]] = {}
     for i, b in enumerate(vocabulary.pieces[:vocab_size]):
         if b and i not in eos_ids:
             by_bytes.setdefault(b, []).append(i)
+    for i, char in specials:
+        by_bytes.setdefault(char.encode(), []).append(i)
     marker = next(m for m in END_MARKERS if not any(m.encode() in b for b in by_bytes))
     by_bytes.setdefault(marker.encode(), []).append(vocab_size)  # the virtual token, one past the vocabulary
     try:

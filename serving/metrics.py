@@ -35,7 +35,7 @@ Front end (labels `tier`, `protocol` = http / grpc):
 - dgs_frontend_refusals_total (counter, by `reason`): the field an invalid request broke, `queue_full`, or
   `no_replica`
 - dgs_frontend_structured_total (counter, by `tier` and `kind`): accepted requests with structured outputs
-  (json_schema, json_object, regex, choice)
+  (json_schema, json_object, regex, choice, tool_call)
 """
 
 from __future__ import annotations

@@ -104,15 +104,26 @@ def retry_after(exc: BaseException) -> float | None:
     return getattr(exc, "retry_after_s", None)
 
 
+# A special token has no text to match: a regex writes the k-th of its Constraint's `specials` as this character
+# (Unicode's private use plane 15), and the replica lets that token, and no other special one, stand for it.
+PLACEHOLDER_BASE = 0xF0000
+
+
+def placeholder(k: int) -> str:
+    return chr(PLACEHOLDER_BASE + k)
+
+
 @dataclass(frozen=True)
 class Constraint:
     """What the answer's text must match: a regular expression over the whole answer (the ingress turns JSON
-    schemas and choices into one). `field` is the request field it came from, named by a refusal; `kind`
-    (json_schema, json_object, regex, choice) labels metrics."""
+    schemas, choices and tool calls into one). `field` is the request field it came from, named by a refusal;
+    `kind` (json_schema, json_object, regex, choice, tool_call) labels metrics; `specials`, the special tokens'
+    texts the regex writes as placeholder(0), placeholder(1), ...."""
 
     regex: str
     field: str = "structured_outputs"
     kind: str = "regex"
+    specials: tuple[str, ...] = ()
 
 
 @dataclass

@@ -245,6 +245,8 @@ def test_a_required_or_named_tool_choice_fixes_the_calls_opening(scripted, tok):
         )
         template = pool.sent[-1].template
         assert tok.decode(template, skip_special_tokens=False) == "<|tool_call>call:get_weather{"
+        assert pool.sent[-1].constraint.kind == "tool_call"  # and its arguments are constrained to the schema
+        assert "get_weather" in pool.sent[-1].constraint.regex
         assert reply.choices[0].finish_reason in ("tool_calls", "stop")
     from openai import BadRequestError
 

@@ -183,3 +183,55 @@ def test_a_constrained_row_leaves_its_batch_neighbours_alone_and_keeps_a_templat
     assert together[1].finish_reason == together[2].finish_reason == "eos"
     assert len(together[1].steps) >= 2  # the answer spans canvases: the walk carried over
     assert together[2].tokens[: len(template)] == template
+
+
+def test_a_forced_calls_arguments_match_the_functions_parameters(tmp_path):
+    """calls_constraint over a Gemma 4 tokenizer (the embedded one with the tool markers): whatever the logits,
+    the canvas is one call, in the notation chat_output parses, with arguments that validate (optional ones
+    included); the markers and the quote are the only special tokens it writes."""
+    import torch
+    from test_chat_output import gemma4_tokenizer
+
+    from model.automaton import compile_regex, vocabulary_of
+    from model.constraint import constrained_canvas
+    from serving.ingress.call_grammar import calls_constraint
+    from serving.ingress.chat_output import CALL_CLOSE, CALL_OPEN, parse_call
+    from serving.request import placeholder
+
+    params = {
+        "type": "object",
+        "properties": {
+            "city": {"type": "string", "maxLength": 10},
+            "days": {"type": "integer", "minimum": 1, "maximum": 7},
+            "units": {"enum": ["c", "f"]},
+            "tags": {"type": "array", "items": {"type": "string", "maxLength": 3}, "maxItems": 2},
+        },
+        "required": ["city", "days"],
+    }
+    tok = gemma4_tokenizer()
+    tok.save_pretrained(tmp_path)
+    vocab = vocabulary_of(tmp_path)
+    c = calls_constraint([("get_weather", params)])
+    ids = dict(vocab.special_ids)
+    specials = tuple((ids[s], placeholder(k)) for k, s in enumerate(c.specials))
+    a = compile_regex(c.regex, vocab, (1, 4), len(tok), specials)
+    q = '<|"|>'
+    wanted = f"{CALL_OPEN}call:get_weather{{city:{q}oslo{q},days:3,units:{q}c{q}}}{CALL_CLOSE}"
+    wrong = f"{CALL_OPEN}call:get_weather{{city:{q}oslo{q},days:9,wind:{q}high{q}}}{CALL_CLOSE}"
+    gen = torch.Generator().manual_seed(0)
+    calls = []
+    for target in (wanted, wrong):
+        ids = tok(target, add_special_tokens=False)["input_ids"]
+        logits = torch.randn(64, len(tok), generator=gen)
+        logits[torch.arange(len(ids)), torch.tensor(ids)] += 12.0  # a model that wants to write `target`
+        u = torch.rand(2, 65, generator=gen)
+        out = constrained_canvas(a, torch.tensor(a.start), logits, torch.tensor(1.0), a.steps_to_done == 0, u)
+        for canvas in (out.argmax, out.sample):
+            text = tok.decode(canvas.tolist(), skip_special_tokens=False).split("<turn|>")[0].split("<eos>")[0]
+            assert text.startswith(CALL_OPEN) and text.endswith(CALL_CLOSE), text
+            name, args = parse_call(text[len(CALL_OPEN) : -len(CALL_CLOSE)])
+            assert name == "get_weather"
+            jsonschema.validate(args, params)
+            calls.append(args)
+    assert calls[0] == {"city": "oslo", "days": 3, "units": "c"}  # what the model wanted, where it is valid
+    assert calls[2]["city"] == "oslo" and 1 <= calls[2]["days"] <= 7 and "wind" not in calls[2]

@@ -18,13 +18,14 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from serving.ingress.call_grammar import calls_constraint
 from serving.ingress.chat_output import CALL_OPEN, ChatOutput, special_strings
 from serving.ingress.detokenize import CanvasChunk, Chunk, DoneChunk
 from serving.ingress.frontend import ClientRequest, Frontend, new_request_id
 from serving.ingress.openai_format import Choice, TokenText, chat_delta, chat_message, merge, openai_usage, summed_usage
 from serving.ingress.protocol import ChatBody, CompletionBody, OpenAIOptions, StreamOptions
 from serving.ingress.replies import asked_of, error_reply, failure_type, key_of, streaming
-from serving.request import EngineFailure, InvalidRequest, Overloaded, Unavailable
+from serving.request import Constraint, EngineFailure, InvalidRequest, Overloaded, Unavailable
 
 
 @dataclass
@@ -73,6 +74,8 @@ class OpenAIHandler:
                 ids, max_new_tokens=body.length(), logprobs=body.top_logprobs_asked(), stop=body.stop or [],
                 special_tokens=chat, template=template, **base,
             )  # fmt: skip
+            if template is not None:  # a forced call: its arguments match the function's parameters
+                asked = replace(asked, constraint=self._call_constraint(body, asked))
         except InvalidRequest as exc:
             return error_reply(exc)
         tools_on = chat and bool(body.tools) and body.tool_choice != "none"
@@ -100,6 +103,21 @@ class OpenAIHandler:
         if chat and body.tool_choice not in (None, "none", "auto"):
             return self.frontend.template_ids([self._forced_call(body)])
         return None
+
+    def _call_constraint(self, body: ChatBody, asked: ClientRequest) -> Constraint | None:
+        """The forced call's constraint: a call of the named function (or, `required`, of any of the tools), its
+        arguments in Gemma 4's notation matching the function's parameters (serving/ingress/call_grammar.py)."""
+        if asked.constraint is not None:
+            raise InvalidRequest("response_format", "a forced tool call is the answer: drop response_format")
+        tools = [t.function for t in body.tools or ()]
+        if body.tool_choice != "required":
+            tools = [t for t in tools if t.name == body.tool_choice.function["name"]]
+        try:
+            return calls_constraint([(t.name, t.parameters or {"type": "object"}) for t in tools])
+        except InvalidRequest:
+            if any(t.strict for t in tools):
+                raise
+            return None  # a schema the notation cannot hold, not asked strict: the call is written freely
 
     def _forced_call(self, body: ChatBody) -> str:
         """tool_choice "required" or a named function: the answer's canvas starts with the call's fixed opening,

@@ -16,7 +16,7 @@ import torch
 
 from model.automaton import AutomatonError, TokenAutomaton, TokenVocabulary, compile_regex
 from model.constraint import canvas_ends
-from serving.request import Constraint, InvalidRequest
+from serving.request import Constraint, InvalidRequest, placeholder
 
 KEPT = 64  # compiled automata kept on the device, the most recently used
 COMPILE_WAIT_S = 20.0  # a request waits this long for its constraint to compile, then is refused as too complex
@@ -33,11 +33,19 @@ class Constraints:
         self._kept: OrderedDict[str, TokenAutomaton] = OrderedDict()
         self._one_at_a_time = asyncio.Semaphore(1)  # compiles take a core each: never all of them
 
+    def _specials(self, constraint: Constraint) -> tuple[tuple[int, str], ...]:
+        """The constraint's special tokens as (id, placeholder) pairs."""
+        ids = dict(self.vocabulary.special_ids)
+        missing = [s for s in constraint.specials if s not in ids]
+        if missing:
+            raise InvalidRequest(constraint.field, f"this checkpoint has no {missing[0]!r} token")
+        return tuple((ids[s], placeholder(k)) for k, s in enumerate(constraint.specials))
+
     async def prepare(self, constraint: Constraint) -> None:
         """Compile in a worker thread (a large schema over a large vocabulary takes a moment), so the event
         loop keeps serving meanwhile; refusals raise as `compiled` would. A compile that outlasts
         COMPILE_WAIT_S refuses its request (the compile finishes in the background and is kept)."""
-        if constraint.regex in self._kept:
+        if (constraint.regex, constraint.specials) in self._kept:
             return
 
         async def compile_one() -> None:  # holds the semaphore until the compile ends, even past its request
@@ -52,20 +60,23 @@ class Constraints:
             ) from None
 
     def compiled(self, constraint: Constraint) -> TokenAutomaton:
-        a = self._kept.get(constraint.regex)
+        key = (constraint.regex, constraint.specials)
+        a = self._kept.get(key)
         if a is None:
             if self.vocabulary is None:
                 raise InvalidRequest(
                     constraint.field, "this checkpoint has no tokenizer.json to constrain answers with"
                 )
+            specials = self._specials(constraint)
             try:
-                a = compile_regex(constraint.regex, self.vocabulary, self.eos_ids, self.vocab_size).to(self.device)
+                a = compile_regex(constraint.regex, self.vocabulary, self.eos_ids, self.vocab_size, specials)
             except AutomatonError as exc:
                 raise InvalidRequest(constraint.field, f"cannot be served: {exc}") from None
-            self._kept[constraint.regex] = a
+            a = a.to(self.device)
+            self._kept[key] = a
             while len(self._kept) > KEPT:
                 self._kept.popitem(last=False)
-        self._kept.move_to_end(constraint.regex)
+        self._kept.move_to_end(key)
         return a
 
     def check(
