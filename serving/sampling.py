@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import dataclasses
 import typing
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, create_model, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictInt, create_model, model_validator
 
 from model.config import SamplerSettings
 
@@ -33,9 +33,19 @@ def _field(f: dataclasses.Field, default: Any) -> Any:
     return Field(default, description=f.metadata["doc"], **f.metadata["bounds"])
 
 
+def _a_number(v: Any) -> Any:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise ValueError("must be a number")
+    return v
+
+
+# A JSON number, integers included, nothing else (pydantic's lax float reads `false` as 0.0 and "0" as 0.0).
+Real = Annotated[float, BeforeValidator(_a_number)]
+
+
 def _strict(kind: Any) -> Any:
-    """A request's integer overrides are strict (`true` is no step count); floats keep taking integers."""
-    return StrictInt if kind is int else kind
+    """A request's integer overrides are strict (`true` is no step count); floats take integers, not booleans."""
+    return StrictInt if kind is int else Real if kind is float else kind
 
 
 def _open_range(f: dataclasses.Field) -> Range | None:

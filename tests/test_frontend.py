@@ -300,13 +300,16 @@ def test_bad_input_names_the_field_in_process():
             steps = await http.post("/v1/generate", json={"text": "hi", "tier": "fast", "max_denoising_steps": 9})
             seed = await http.post("/v1/generate", json={"text": "hi", "seed": -1})
             no_ids = await http.post("/v1/completions", json={"prompt": []})
-            floats_as_bools = [  # JSON numbers are not booleans (schemathesis sent 0.0)
+            floats_as_bools = [  # JSON numbers are not booleans, nor booleans or strings numbers (schemathesis)
                 await http.post(route, json=body)
                 for route, body in [
                     ("/v1/completions", {"prompt": "a", "stream_options": {"continuous_usage_stats": 0.0}}),
                     ("/v1/completions", {"prompt": "a", "echo": 1}),
                     ("/v1/generate", {"text": "hi", "stream_drafts": 0}),
                     ("/v1/generate", {"text": "hi", "adaptive_stop": 1.0}),
+                    ("/v1/completions", {"prompt": "", "frequency_penalty": False}),
+                    ("/v1/generate", {"text": "hi", "temperature": True}),
+                    ("/v1/completions", {"prompt": "a", "top_p": "1"}),
                 ]
             ]
             with pytest.raises(grpc.aio.AioRpcError) as err:
@@ -317,7 +320,10 @@ def test_bad_input_names_the_field_in_process():
     not_json, steps, seed, no_ids, rpc_error, floats_as_bools = run(main())
     params = [r.json()["error"]["param"] for r in floats_as_bools]
     assert all(r.status_code == 400 for r in floats_as_bools)
-    assert params == ["stream_options.continuous_usage_stats", "echo", "stream_drafts", "adaptive_stop"]
+    assert params == [
+        "stream_options.continuous_usage_stats", "echo", "stream_drafts", "adaptive_stop", "frequency_penalty",
+        "temperature", "top_p",
+    ]  # fmt: skip
     assert no_ids.status_code == 400 and no_ids.json()["error"]["param"] == "prompt"
     assert not_json.status_code == 400 and not_json.json()["error"]["type"] == "invalid_request_error"
     assert steps.status_code == 400 and steps.json()["error"]["param"] == "max_denoising_steps"

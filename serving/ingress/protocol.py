@@ -28,7 +28,7 @@ from serving.ingress import structured
 from serving.ingress.frontend import ClientRequest
 from serving.ingress.stop import check_stops
 from serving.request import Constraint, InvalidRequest
-from serving.sampling import OVERRIDE_NAMES, SamplerOverrides
+from serving.sampling import OVERRIDE_NAMES, Real, SamplerOverrides
 
 # OpenAI fields that exist but that this server does not implement, each with the values that mean "not used"
 # (accepted, and nothing changes); any other value is a 400 naming the field.
@@ -149,11 +149,11 @@ class OpenAIOptions(Diffusion):
     stop: Stops = None
     response_format: ResponseFormat | None = None
     # accepted only at their neutral values (NEUTRAL)
-    top_p: float | None = None
+    top_p: Real | None = None
     best_of: StrictInt | None = None
     echo: StrictBool = False
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
+    presence_penalty: Real | None = None
+    frequency_penalty: Real | None = None
     logit_bias: dict | None = None
     suffix: str | None = None
 
