@@ -50,17 +50,9 @@ def constraint(req: pb.GenerateRequest) -> Constraint | None:
     if not req.HasField("structured_outputs"):
         return None
     so = req.structured_outputs
-    kind = so.WhichOneof("kind")
-    field = f"structured_outputs.{kind}"
-    if kind == "json":
-        return structured.json_schema_constraint(so.json, field)
-    if kind == "regex":
-        return structured.regex_constraint(so.regex, field)
-    if kind == "choice":
-        return structured.choice_constraint(list(so.choice.values), field)
-    if kind == "json_object" and so.json_object:
-        return structured.json_object_constraint(field)
-    raise InvalidRequest("structured_outputs", "set one of json, json_object (true), regex or choice")
+    kind = so.WhichOneof("kind") or ""
+    value = list(so.choice.values) if kind == "choice" else getattr(so, kind, None)
+    return structured.structured_outputs_constraint(kind, value)
 
 
 def set_error(context: Any, exc: Exception) -> None:

@@ -54,6 +54,10 @@ MAX_FREE = 4096  # free positions one template part may ask for
 STRICT = ConfigDict(extra="forbid")
 
 
+# structured_outputs' kinds and the attributes holding them (json_ is json, a BaseModel name)
+KINDS = (("json", "json_"), ("json_object", "json_object"), ("regex", "regex"), ("choice", "choice"))
+
+
 class StructuredOutputs(BaseModel):
     """vLLM's structured_outputs: exactly one of a JSON schema, any JSON object, a regex or a list of choices."""
 
@@ -64,24 +68,19 @@ class StructuredOutputs(BaseModel):
     regex: str | None = None
     choice: list[str] | None = None
 
+    def _given(self) -> list[tuple[str, Any]]:
+        """(kind, value) of each kind set: json_object only when true, the others when present."""
+        values = [(k, getattr(self, a)) for k, a in KINDS]
+        return [(k, v) for k, v in values if (v is True if k == "json_object" else v is not None)]
+
     @model_validator(mode="after")
     def _one(self) -> StructuredOutputs:
-        given = [k for k in ("json_", "regex", "choice") if getattr(self, k) is not None] + (
-            ["json_object"] if self.json_object else []
-        )
-        if len(given) != 1:
+        if len(self._given()) != 1:
             raise ValueError("give exactly one of json, json_object, regex or choice")
         return self
 
     def constraint(self) -> Constraint:
-        field = "structured_outputs."
-        if self.json_ is not None:
-            return structured.json_schema_constraint(self.json_, field + "json")
-        if self.regex is not None:
-            return structured.regex_constraint(self.regex, field + "regex")
-        if self.choice is not None:
-            return structured.choice_constraint(self.choice, field + "choice")
-        return structured.json_object_constraint(field + "json_object")
+        return structured.structured_outputs_constraint(*self._given()[0])
 
 
 class Diffusion(SamplerOverrides):

@@ -33,6 +33,21 @@ UNSUPPORTED = (
 BOUNDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
 
 
+def structured_outputs_constraint(kind: str, value: Any) -> Constraint:
+    """vLLM's `structured_outputs` as a Constraint, whichever protocol carried it: one of json (a schema),
+    json_object (true), regex or choice, the refusals naming `structured_outputs.<kind>`."""
+    field = f"structured_outputs.{kind}"
+    if kind == "json":
+        return json_schema_constraint(value, field)
+    if kind == "regex":
+        return regex_constraint(value, field)
+    if kind == "choice":
+        return choice_constraint(value, field)
+    if kind == "json_object" and value is True:
+        return json_object_constraint(field)
+    raise InvalidRequest("structured_outputs", "set one of json, json_object (true), regex or choice")
+
+
 def json_schema_constraint(schema: Any, field: str) -> Constraint:
     """A Constraint for answers that are JSON documents valid under `schema` (a dict, or its JSON text)."""
     if isinstance(schema, str):
