@@ -256,3 +256,28 @@ def test_a_required_or_named_tool_choice_fixes_the_calls_opening(scripted, tok):
             tool_choice={"type": "function", "function": {"name": "nope"}},
         )  # fmt: skip
     assert err.value.body["param"] == "tool_choice"
+
+
+def test_strict_tools_under_auto_and_thinking_mode_shape_the_constraint_sent(scripted):
+    """tool_choice auto: a strict tool's calls are constrained (the answer may still be text), tools none strict
+    leave the answer free; thinking on, a response_format's constraint lets a thought channel come first."""
+    from serving.ingress.chat_output import CHANNEL_CLOSE, CHANNEL_OPEN
+
+    client, pool = scripted
+    messages = [{"role": "user", "content": "Weather?"}]
+    strict = {**WEATHER, "function": {**WEATHER["function"], "strict": True}}
+    client.chat.completions.create(model="diffusiongemma-embedded", messages=messages, tools=[strict])
+    sent = pool.sent[-1].constraint
+    assert sent.kind == "tool_call" and "get_weather" in sent.regex and pool.sent[-1].template is None
+    client.chat.completions.create(model="diffusiongemma-embedded", messages=messages, tools=[WEATHER])
+    assert pool.sent[-1].constraint is None
+
+    json_format = {"type": "json_object"}
+    for thinking in (True, False):
+        client.chat.completions.create(
+            model="diffusiongemma-embedded", messages=messages, response_format=json_format,
+            extra_body={"chat_template_kwargs": {"enable_thinking": thinking}},
+        )  # fmt: skip
+        sent = pool.sent[-1].constraint
+        assert sent.kind == "json_object"
+        assert ((CHANNEL_OPEN, CHANNEL_CLOSE) == sent.specials[-2:]) is thinking

@@ -185,53 +185,132 @@ def test_a_constrained_row_leaves_its_batch_neighbours_alone_and_keeps_a_templat
     assert together[2].tokens[: len(template)] == template
 
 
-def test_a_forced_calls_arguments_match_the_functions_parameters(tmp_path):
-    """calls_constraint over a Gemma 4 tokenizer (the embedded one with the tool markers): whatever the logits,
-    the canvas is one call, in the notation chat_output parses, with arguments that validate (optional ones
-    included); the markers and the quote are the only special tokens it writes."""
-    import torch
+WEATHER_PARAMS = {
+    "type": "object",
+    "properties": {
+        "city": {"type": "string", "maxLength": 10},
+        "days": {"type": "integer", "minimum": 1, "maximum": 7},
+        "units": {"enum": ["c", "f"]},
+        "tags": {"type": "array", "items": {"type": "string", "maxLength": 3}, "maxItems": 2},
+    },
+    "required": ["city", "days"],
+}
+Q = '<|"|>'
+
+
+@pytest.fixture(scope="module")
+def gemma4(tmp_path_factory):
+    """The embedded tokenizer with Gemma 4's tool markers, saved, and its automaton vocabulary."""
     from test_chat_output import gemma4_tokenizer
 
-    from model.automaton import compile_regex, vocabulary_of
+    from model.automaton import vocabulary_of
+
+    tok, path = gemma4_tokenizer(), tmp_path_factory.mktemp("gemma4")
+    tok.save_pretrained(path)
+    return tok, vocabulary_of(path)
+
+
+def canvases_wanting(gemma4, constraint, targets: list[str], seed: int = 0) -> list[str]:
+    """For each target text, a 64-position canvas whose logits favour writing it and ending the turn, constrained
+    (and required to end the answer): its argmax and its sampled canvas, decoded with the special tokens, cut at
+    the turn's end."""
+    import torch
+
+    from model.automaton import compile_regex
     from model.constraint import constrained_canvas
-    from serving.ingress.call_grammar import calls_constraint
-    from serving.ingress.chat_output import CALL_CLOSE, CALL_OPEN, parse_call
     from serving.request import placeholder
 
-    params = {
-        "type": "object",
-        "properties": {
-            "city": {"type": "string", "maxLength": 10},
-            "days": {"type": "integer", "minimum": 1, "maximum": 7},
-            "units": {"enum": ["c", "f"]},
-            "tags": {"type": "array", "items": {"type": "string", "maxLength": 3}, "maxItems": 2},
-        },
-        "required": ["city", "days"],
-    }
-    tok = gemma4_tokenizer()
-    tok.save_pretrained(tmp_path)
-    vocab = vocabulary_of(tmp_path)
-    c = calls_constraint([("get_weather", params)])
+    tok, vocab = gemma4
     ids = dict(vocab.special_ids)
-    specials = tuple((ids[s], placeholder(k)) for k, s in enumerate(c.specials))
-    a = compile_regex(c.regex, vocab, (1, 4), len(tok), specials)
-    q = '<|"|>'
-    wanted = f"{CALL_OPEN}call:get_weather{{city:{q}oslo{q},days:3,units:{q}c{q}}}{CALL_CLOSE}"
-    wrong = f"{CALL_OPEN}call:get_weather{{city:{q}oslo{q},days:9,wind:{q}high{q}}}{CALL_CLOSE}"
-    gen = torch.Generator().manual_seed(0)
-    calls = []
-    for target in (wanted, wrong):
-        ids = tok(target, add_special_tokens=False)["input_ids"]
+    specials = tuple((ids[s], placeholder(k)) for k, s in enumerate(constraint.specials))
+    a = compile_regex(constraint.regex, vocab, (1, 4), len(tok), specials)
+    gen = torch.Generator().manual_seed(seed)
+    texts = []
+    for target in targets:
+        want = tok(target + "<turn|>", add_special_tokens=False)["input_ids"][:64]
         logits = torch.randn(64, len(tok), generator=gen)
-        logits[torch.arange(len(ids)), torch.tensor(ids)] += 12.0  # a model that wants to write `target`
+        logits[torch.arange(len(want)), torch.tensor(want)] += 12.0  # a model that wants to write `target`
+        logits[: len(want) - 1, [1, 4]] -= 30.0  # ... and not to end before it
         u = torch.rand(2, 65, generator=gen)
         out = constrained_canvas(a, torch.tensor(a.start), logits, torch.tensor(1.0), a.steps_to_done == 0, u)
         for canvas in (out.argmax, out.sample):
-            text = tok.decode(canvas.tolist(), skip_special_tokens=False).split("<turn|>")[0].split("<eos>")[0]
-            assert text.startswith(CALL_OPEN) and text.endswith(CALL_CLOSE), text
-            name, args = parse_call(text[len(CALL_OPEN) : -len(CALL_CLOSE)])
-            assert name == "get_weather"
-            jsonschema.validate(args, params)
-            calls.append(args)
+            texts.append(tok.decode(canvas.tolist(), skip_special_tokens=False).split("<turn|>")[0].split("<eos>")[0])
+    return texts
+
+
+def a_call(text: str) -> tuple[str, dict]:
+    from serving.ingress.chat_output import CALL_CLOSE, CALL_OPEN, parse_call
+
+    assert text.startswith(CALL_OPEN) and text.endswith(CALL_CLOSE), text
+    return parse_call(text[len(CALL_OPEN) : -len(CALL_CLOSE)])
+
+
+def test_a_forced_calls_arguments_match_the_functions_parameters(gemma4):
+    """calls_constraint over a Gemma 4 tokenizer (the embedded one with the tool markers): whatever the logits,
+    the canvas is one call, in the notation chat_output parses, with arguments that validate (optional ones
+    included); the markers and the quote are the only special tokens it writes."""
+    from serving.ingress.call_grammar import calls_constraint
+    from serving.ingress.chat_output import CALL_CLOSE, CALL_OPEN
+
+    wanted = f"{CALL_OPEN}call:get_weather{{city:{Q}oslo{Q},days:3,units:{Q}c{Q}}}{CALL_CLOSE}"
+    wrong = f"{CALL_OPEN}call:get_weather{{city:{Q}oslo{Q},days:9,wind:{Q}high{Q}}}{CALL_CLOSE}"
+    calls = []
+    for text in canvases_wanting(gemma4, calls_constraint([("get_weather", WEATHER_PARAMS)]), [wanted, wrong]):
+        name, args = a_call(text)
+        assert name == "get_weather"
+        jsonschema.validate(args, WEATHER_PARAMS)
+        calls.append(args)
     assert calls[0] == {"city": "oslo", "days": 3, "units": "c"}  # what the model wanted, where it is valid
     assert calls[2]["city"] == "oslo" and 1 <= calls[2]["days"] <= 7 and "wind" not in calls[2]
+
+
+def test_under_tool_choice_auto_a_strict_tools_call_is_valid_and_text_stays_free(gemma4):
+    """auto_constraint: text the model wants is written as it is; a call of the strict tool gets valid
+    arguments; a tool not strict whose schema the notation cannot hold is called with what the model wants; with a
+    response_format, the answer is either its JSON or a valid call."""
+    from serving.ingress.call_grammar import auto_constraint
+    from serving.ingress.chat_output import CALL_CLOSE, CALL_OPEN
+    from serving.ingress.structured import json_schema_constraint
+
+    free = {"type": "object", "properties": {"q": {"type": "string"}}, "minProperties": 1}
+    tools = [("get_weather", WEATHER_PARAMS, True), ("search", free, False)]
+    text = "It is sunny in Oslo today."
+    wrong = f"{CALL_OPEN}call:get_weather{{city:{Q}oslo{Q},days:9}}{CALL_CLOSE}"
+    loose = f"{CALL_OPEN}call:search{{q:{Q}rain{Q},n:2}}{CALL_CLOSE}"
+    got = canvases_wanting(gemma4, auto_constraint(tools, None), [text, wrong, loose])
+    assert got[0] == text  # free text is the model's own
+    name, args = a_call(got[2])
+    assert name == "get_weather" and args["city"] == "oslo" and 1 <= args["days"] <= 7
+    assert a_call(got[4]) == ("search", {"q": "rain", "n": 2})  # not strict, not constrainable: as wanted
+
+    answer = json_schema_constraint(PERSON, "response_format.json_schema.schema")
+    for reply in canvases_wanting(gemma4, auto_constraint(tools[:1], answer), [text, wrong], seed=1):
+        if reply.startswith(CALL_OPEN):
+            jsonschema.validate(a_call(reply)[1], WEATHER_PARAMS)
+        else:
+            jsonschema.validate(json.loads(reply), PERSON)
+    with pytest.raises(InvalidRequest) as err:
+        auto_constraint([("search", free, True)], None)
+    assert err.value.field == "tools.search"
+
+
+def test_in_thinking_mode_the_thought_is_free_and_the_answer_after_it_constrained(gemma4):
+    """after_thought: the thought channel the model wants is kept word for word and the answer after it still
+    matches; a thought that would run on past the canvas is closed in time for a valid answer; no thought at all
+    is an answer too."""
+    from serving.ingress.call_grammar import after_thought
+    from serving.ingress.chat_output import CHANNEL_CLOSE, CHANNEL_OPEN
+    from serving.ingress.structured import json_schema_constraint
+
+    c = after_thought(json_schema_constraint(PERSON, "response_format.json_schema.schema"))
+    thought = f"{CHANNEL_OPEN}thought\nAn adult named Ann.{CHANNEL_CLOSE}"
+    wanted = thought + '{"name": "ann", "age": 30, "tags": ["a"]}'
+    endless = f"{CHANNEL_OPEN}thought\n" + "and then " * 40
+    got = canvases_wanting(gemma4, c, [wanted, endless, '{"name": "bo", "age": 5, "tags": []}'])
+    assert got[0] == wanted
+    for reply in got:
+        answer = reply.split(CHANNEL_CLOSE)[-1]
+        jsonschema.validate(json.loads(answer), PERSON)
+        assert reply.startswith(CHANNEL_OPEN + "thought\n") == (CHANNEL_CLOSE in reply)
+    assert got[2].startswith(CHANNEL_OPEN)  # the endless thought was closed
+    assert not got[4].startswith(CHANNEL_OPEN)  # no thought wanted, none written

@@ -28,9 +28,12 @@ from model.training import tasks
 from model.weights import load_network
 
 
-def run_cap(denoiser, tok, examples, prompts, settings: SamplerSettings, seed: int) -> dict:
-    canvas = denoiser.canvas_length
-    requests = [Request(p, canvas, settings, seed=seed + i) for i, p in enumerate(prompts)]
+def run_cap(
+    denoiser, tok, examples, prompts, settings: SamplerSettings, seed: int, max_tokens: int | None = None
+) -> dict:
+    """Accuracy of one generate over `examples`, each answer at most `max_tokens` (default: one canvas)."""
+    budget = max_tokens or denoiser.canvas_length
+    requests = [Request(p, budget, settings, seed=seed + i) for i, p in enumerate(prompts)]
     t0 = time.perf_counter()
     outs = denoiser.generate(requests)
     elapsed = time.perf_counter() - t0
@@ -65,9 +68,9 @@ def held_out_setup(model: str, examples: list[tasks.Example] | None = None, weig
     return denoiser_for(net, prompts, ckpt.generation.eos_token_ids), tok, examples, prompts, ckpt.generation
 
 
-def denoiser_for(net, prompts: list[list[int]], eos_token_ids) -> Denoiser:
-    """A denoiser with a slot per prompt and room for the longest prompt plus one canvas."""
-    context = max(map(len, prompts)) + net.config.canvas_length
+def denoiser_for(net, prompts: list[list[int]], eos_token_ids, canvases: int = 1) -> Denoiser:
+    """A denoiser with a slot per prompt and room for the longest prompt plus `canvases` canvases."""
+    context = max(map(len, prompts)) + canvases * net.config.canvas_length
     return Denoiser(net, slots=len(prompts), max_context=context, eos_token_ids=eos_token_ids)
 
 

@@ -178,10 +178,14 @@ class Monitor:
     that its lines compare with those of the runs before that bound was chosen. It reads the weights only and
     draws nothing from the run's random streams: the trained weights are the same with or without it."""
 
-    def __init__(self, tok, per_task: int = 20) -> None:
+    def __init__(self, tok, per_task: int = 20, json: bool = False) -> None:
         self.tok = tok
         self.examples = tasks.held_out(per_task, seed=4321)
         self.prompts = [prompt_ids(tok, e.prompt) for e in self.examples]
+        # a run that teaches JSON answers also watches them: the same prompts asked for {"answer": ...}, given
+        # two canvases (the wrapper's 10 tokens push most answers past one), unconstrained
+        self.json = [tasks.as_json(e) for e in self.examples] if json else []
+        self.json_prompts = [prompt_ids(tok, e.prompt) for e in self.json]
 
     def __call__(self, model) -> dict[str, float]:
         from model.config import TextConfig
@@ -190,12 +194,18 @@ class Monitor:
 
         state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         net = from_state_dict(TextConfig.from_hf(model.config.to_dict()), state)
-        denoiser = denoiser_for(net, self.prompts, EOS_IDS)
         settings = SamplerSettings(max_denoising_steps=STEPS, confidence_threshold=None)
         with torch.inference_mode():
+            denoiser = denoiser_for(net, self.prompts, EOS_IDS)
             r = run_cap(denoiser, self.tok, self.examples, self.prompts, settings, seed=0)
-        by_task = {t: round(a, 2) for t, a in r["by_task"].items()}
-        return {"monitor_single": round(r["single_answer"], 3), "monitor_many": round(r["many_answers"], 3), **by_task}
+            out = {"monitor_single": round(r["single_answer"], 3), "monitor_many": round(r["many_answers"], 3)}
+            out.update({t: round(a, 2) for t, a in r["by_task"].items()})
+            if self.json:
+                denoiser = denoiser_for(net, self.json_prompts, EOS_IDS, canvases=2)
+                j = run_cap(denoiser, self.tok, self.json, self.json_prompts, settings, 0, 2 * CANVAS)
+                out["monitor_json"] = round(j["accuracy"], 3)
+                out.update({f"json_{t}": round(a, 2) for t, a in j["by_task"].items()})
+        return out
 
 
 def compile_layers(model) -> None:
@@ -234,6 +244,7 @@ def main(argv: list[str] | None = None) -> None:
         help="torch.compile each layer: ~1.3x faster steps, same objective, other rounding (the shipped run uses it)",
     )
     ap.add_argument("--monitor-every", type=int, default=1000, help="steps between monitor lines (0: none)")
+    ap.add_argument("--save-every", type=int, default=0, help="steps between checkpoints to --out (0: at the end)")
     ap.add_argument("--init", type=Path, help="warm-start from this checkpoint instead of random weights")
     ap.add_argument(
         "--own-noise", type=float, default=0.0, help="fraction of rows corrupted with their own block's tokens"
@@ -276,7 +287,7 @@ def main(argv: list[str] | None = None) -> None:
         done = (step - args.warmup) / max(1, args.steps - args.warmup)
         return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * done)))
 
-    monitor = Monitor(tok) if args.monitor_every else None
+    monitor = Monitor(tok, json=args.json_share > 0) if args.monitor_every else None
     start = last = time.time()
     window: list[dict] = []
     for step in range(args.steps):
@@ -295,6 +306,8 @@ def main(argv: list[str] | None = None) -> None:
             window, last = [], time.time()
         if monitor and (step + 1) % args.monitor_every == 0:
             print(json.dumps({"step": step + 1, **monitor(model)}), flush=True)
+        if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < args.steps:
+            save(model, tok, args.out)  # a long run's checkpoint can be evaluated (or kept) before it ends
     model.eval()
     save(model, tok, args.out)
     print(f"saved to {args.out} after {(time.time() - start) / 60:.1f} min")

@@ -1,4 +1,5 @@
-"""Tool-call arguments in Gemma 4's call notation as a regular expression, from a tool's parameter schema.
+"""Tool-call arguments in Gemma 4's call notation as a regular expression, from a tool's parameter schema; and
+the thought channel a constrained answer may open with in thinking mode.
 
 A forced call (`tool_choice` naming a function, or `required`) is constrained to
 `<|tool_call>call:NAME{ARGS}<tool_call|>` with ARGS matching the function's `parameters` in the notation
@@ -10,6 +11,12 @@ to its token and allows no other special token anywhere.
 The schema keywords served: types, properties (in order, optional ones may be left out, no others written),
 required, enum, const, anyOf, string lengths and patterns, numeric bounds, arrays with bounds. Any other is
 refused naming the field for a strict tool; a tool that is not strict and uses one is called unconstrained.
+
+Under `tool_choice` auto a tool marked strict still gets valid arguments (as OpenAI's strict tools do): the
+answer is text (free, or the response_format's language) or calls, and each call's arguments match (a non-strict
+tool whose schema the notation cannot hold is written freely between its braces). In thinking mode a constrained
+answer may first write its thought channel, freely: the constraint holds from the channel's close, as vLLM applies
+structured outputs after the reasoning.
 """
 
 from __future__ import annotations
@@ -17,7 +24,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from serving.ingress.chat_output import CALL_CLOSE, CALL_OPEN, QUOTE
+from serving.ingress.chat_output import CALL_CLOSE, CALL_OPEN, CHANNEL_CLOSE, CHANNEL_OPEN, QUOTE, THOUGHT_LABEL
 from serving.ingress.structured import MAX_REPEAT, number_regex
 from serving.request import Constraint, InvalidRequest, placeholder
 
@@ -29,13 +36,55 @@ KNOWN = ANNOTATIONS | {
     "anyOf", "minLength", "maxLength", "pattern", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum",
 }  # fmt: skip
 KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+FREE_TEXT = f"[^{re.escape(OPEN + CLOSE + Q)}]*"  # text with none of the notation's special tokens
 
 
 def calls_constraint(tools: list[tuple[str, dict]], field: str = "tools") -> Constraint:
     """The answer is one call of one of `tools` ((name, parameters) pairs), its arguments valid."""
-    calls = [f"{re.escape(OPEN)}call:{re.escape(name)}{_object(params, f'{field}.{name}')}{re.escape(CLOSE)}"
-             for name, params in tools]  # fmt: skip
+    calls = [_call(name, _arguments(params, f"{field}.{name}")) for name, params in tools]
     return Constraint("|".join(f"(?:{c})" for c in calls), field, "tool_call", SPECIALS)
+
+
+def auto_constraint(tools: list[tuple[str, dict, bool]], answer: Constraint | None, field: str = "tools") -> Constraint:
+    """tool_choice auto: the answer is text (any text, or `answer`'s language) or calls of `tools` ((name,
+    parameters, strict) triples), each with valid arguments; a tool not strict whose schema the notation cannot
+    hold is called with any arguments. Free text may lead into calls; `answer`'s language stands alone."""
+    calls = []
+    for name, params, strict in tools:
+        try:
+            calls.append(_call(name, _arguments(params, f"{field}.{name}")))
+        except InvalidRequest:
+            if strict:
+                raise
+            calls.append(_call(name, r"\{" + f"[^{re.escape(OPEN + CLOSE)}]*" + r"\}"))
+    call = "(?:" + "|".join(f"(?:{c})" for c in calls) + ")"
+    if answer is None:
+        return Constraint(f"{FREE_TEXT}{call}*", field, "tool_call", SPECIALS)
+    if answer.specials:
+        raise ValueError("an answer constraint with special tokens of its own cannot be joined with calls")
+    return Constraint(f"(?:{answer.regex})|{call}+", answer.field, answer.kind, SPECIALS)
+
+
+def after_thought(c: Constraint) -> Constraint:
+    """`c` preceded by an optional thought channel (`<|channel>thought\\n...<channel|>`), its text free of
+    special tokens: thinking mode's reasoning is the model's own; the answer after it is constrained."""
+    k = len(c.specials)
+    opening, closing = placeholder(k), placeholder(k + 1)
+    label = re.escape(THOUGHT_LABEL.removesuffix("\n")) + r"\n"
+    text = "[^" + re.escape("".join(placeholder(i) for i in range(k + 2))) + "]*"
+    thought = f"(?:{re.escape(opening)}{label}{text}{re.escape(closing)})?"
+    return Constraint(f"{thought}(?:{c.regex})", c.field, c.kind, (*c.specials, CHANNEL_OPEN, CHANNEL_CLOSE))
+
+
+def _call(name: str, arguments: str) -> str:
+    return f"{re.escape(OPEN)}call:{re.escape(name)}{arguments}{re.escape(CLOSE)}"
+
+
+def _arguments(params: Any, field: str) -> str:
+    """A function's arguments: an object, its schema's keywords all served."""
+    if not isinstance(params, dict) or params.get("type", "object") != "object":
+        raise InvalidRequest(field, "parameters must be a JSON schema of type object")
+    return _value({**params, "type": "object"}, field)
 
 
 def _value(s: Any, field: str) -> str:

@@ -175,11 +175,18 @@ class Frontend:
             raise InvalidRequest("messages", "this model has no chat template; send a plain prompt instead")
         if tools and "tools" not in template:
             raise InvalidRequest("tools", "this model's chat template does not render tools")
-        kwargs = {"enable_thinking": self.config.thinking} | (template_kwargs or {})
+        kwargs = self._template_kwargs(template_kwargs)
         try:
             return chat_ids(self.tokenizer, messages, tools, kwargs)
         except TemplateError as exc:  # the template's own refusal (raise_exception), or a message it cannot read
             raise InvalidRequest("messages", f"the chat template refused them: {exc}") from exc
+
+    def thinking(self, template_kwargs: dict | None) -> bool:
+        """Whether a chat prompt with these template kwargs asks the model to think first."""
+        return bool(self._template_kwargs(template_kwargs)["enable_thinking"])
+
+    def _template_kwargs(self, given: dict | None) -> dict:
+        return {"enable_thinking": self.config.thinking} | (given or {})
 
     def user_prompt(self, text: str) -> list[int]:
         """One user turn through the chat template (the plain text where the model has none)."""

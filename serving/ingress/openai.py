@@ -18,7 +18,7 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from serving.ingress.call_grammar import calls_constraint
+from serving.ingress.call_grammar import after_thought, auto_constraint, calls_constraint
 from serving.ingress.chat_output import CALL_OPEN, ChatOutput, special_strings
 from serving.ingress.detokenize import CanvasChunk, Chunk, DoneChunk
 from serving.ingress.frontend import ClientRequest, Frontend, new_request_id
@@ -74,8 +74,8 @@ class OpenAIHandler:
                 ids, max_new_tokens=body.length(), logprobs=body.top_logprobs_asked(), stop=body.stop or [],
                 special_tokens=chat, template=template, **base,
             )  # fmt: skip
-            if template is not None:  # a forced call: its arguments match the function's parameters
-                asked = replace(asked, constraint=self._call_constraint(body, asked))
+            if chat:
+                asked = replace(asked, constraint=self._chat_constraint(body, asked, template))
         except InvalidRequest as exc:
             return error_reply(exc)
         tools_on = chat and bool(body.tools) and body.tool_choice != "none"
@@ -103,6 +103,19 @@ class OpenAIHandler:
         if chat and body.tool_choice not in (None, "none", "auto"):
             return self.frontend.template_ids([self._forced_call(body)])
         return None
+
+    def _chat_constraint(self, body: ChatBody, asked: ClientRequest, template: list[int] | None) -> Constraint | None:
+        """A chat answer's constraint: a forced call's (it has a template); else the response_format's, joined
+        with the calls of strict tools under tool_choice auto; in thinking mode after a free thought channel."""
+        if template is not None:
+            return self._call_constraint(body, asked)
+        c = asked.constraint
+        tools = [t.function for t in body.tools or ()] if body.tool_choice in (None, "auto") else []
+        if any(t.strict for t in tools):
+            c = auto_constraint([(t.name, t.parameters or {"type": "object"}, bool(t.strict)) for t in tools], c)
+        if c is not None and self.frontend.thinking(body.chat_template_kwargs):
+            c = after_thought(c)
+        return c
 
     def _call_constraint(self, body: ChatBody, asked: ClientRequest) -> Constraint | None:
         """The forced call's constraint: a call of the named function (or, `required`, of any of the tools), its
