@@ -62,21 +62,30 @@ def test_both_implementations_give_the_same_logits(tok):
     assert ref.abs().max() > 1  # a trained model's logits carry signal
 
 
+def answer_held_out(tok, ask=lambda e: e, room: int | None = None, constraint=None) -> tuple[dict[str, int], list]:
+    """The first 5 held-out prompts of each task, each asked as `ask` writes it, through our denoiser at the
+    checkpoint's own sampler settings, seeds 0..34, within `room` answer tokens (default: the checkpoint's): the
+    right answers per task, and the replies."""
+    net, ckpt = load_network(str(EMBEDDED))
+    gen = ckpt.generation
+    room = room or gen.max_new_tokens
+    examples = [ask(e) for t in tasks.SINGLE + tasks.MANY for e in [x for x in tasks.held_out() if x.task == t][:5]]
+    prompts = [prompt_ids(tok, e.prompt) for e in examples]
+    d = Denoiser(net, len(prompts), max(map(len, prompts)) + room, gen.eos_token_ids)
+    outs = d.generate([Request(p, room, gen.sampler, seed=i, constraint=constraint) for i, p in enumerate(prompts)])
+    replies = [tok.decode(o.tokens, skip_special_tokens=True) for o in outs]
+    right = {t: 0 for t in tasks.SINGLE + tasks.MANY}
+    for e, reply in zip(examples, replies):
+        right[e.task] += tasks.check(e, reply)
+    return right, replies
+
+
 def test_held_out_prompts_of_both_kinds_are_answered_at_the_default_settings(tok):
     """The first 5 held-out prompts of each task at the checkpoint's own sampler settings (step cap 16, adaptive
     stop, entropy bound 0.01), seeds 0..34. Bars from what this checkpoint does (README table, 40 prompts per task:
     single-answer tasks 1.00, many-answer kind 0.958), with some slack (right here: 5, 5, 5, 5 of the
     single-answer prompts, and 14 of the 15 many-answer ones: pick 5, arrange 5, latin 4)."""
-    net, ckpt = load_network(str(EMBEDDED))
-    held = tasks.held_out()
-    examples = [e for t in tasks.SINGLE + tasks.MANY for e in [x for x in held if x.task == t][:5]]
-    prompts = [prompt_ids(tok, e.prompt) for e in examples]
-    gen = ckpt.generation
-    d = Denoiser(net, len(prompts), max(map(len, prompts)) + gen.max_new_tokens, gen.eos_token_ids)
-    outs = d.generate([Request(p, gen.max_new_tokens, gen.sampler, seed=i) for i, p in enumerate(prompts)])
-    right = {t: 0 for t in tasks.SINGLE + tasks.MANY}
-    for e, o in zip(examples, outs):
-        right[e.task] += tasks.check(e, tok.decode(o.tokens, skip_special_tokens=True))
+    right, _ = answer_held_out(tok)
     assert all(right[t] >= 3 for t in tasks.SINGLE) and sum(right[t] for t in tasks.SINGLE) >= 16, right
     assert sum(right[t] for t in tasks.MANY) >= 10, right
 
@@ -86,26 +95,20 @@ def test_held_out_prompts_asked_for_json_keep_their_answers(tok):
     checkpoint's own settings: every answer parses and validates, and the model still knows the task (measured on
     the 280 held-out prompts at quality: 0.918 against 0.982 plain, latin 0.675 against 0.925; right here: 30 of
     35, latin 1 of 5: a latin square's JSON spans two canvases, and the second one misses the givens)."""
+    import jsonschema
+
+    from bench.eval_structured import ANSWER_SCHEMA
     from model.automaton import compile_regex, vocabulary_of
     from serving.ingress.structured import json_schema_constraint
 
     net, ckpt = load_network(str(EMBEDDED))
-    schema = {"type": "object", "properties": {"answer": {"type": "string"}}, "required": ["answer"]}
-    gen = ckpt.generation
-    eos = tuple(gen.eos_token_ids)
-    regex = json_schema_constraint(schema, "response_format").regex
-    answer = compile_regex(regex, vocabulary_of(EMBEDDED), eos, net.config.vocab_size)
-    held = tasks.held_out()
-    examples = [tasks.as_json(e) for t in tasks.SINGLE + tasks.MANY for e in [x for x in held if x.task == t][:5]]
-    prompts = [prompt_ids(tok, e.prompt) for e in examples]
-    budget = 4 * net.config.canvas_length  # the wrapper's 10 tokens push answers into a second canvas
-    d = Denoiser(net, len(prompts), max(map(len, prompts)) + budget, eos)
-    outs = d.generate([Request(p, budget, gen.sampler, seed=i, constraint=answer) for i, p in enumerate(prompts)])
-    right = {t: 0 for t in tasks.SINGLE + tasks.MANY}
-    for e, o in zip(examples, outs):
-        text = tok.decode(o.tokens, skip_special_tokens=True)
-        assert set(json.loads(text)) == {"answer"}, text
-        right[e.task] += tasks.check(e, text)
+    regex = json_schema_constraint(ANSWER_SCHEMA, "response_format").regex
+    answer = compile_regex(regex, vocabulary_of(EMBEDDED), ckpt.generation.eos_token_ids, net.config.vocab_size)
+    room = 4 * net.config.canvas_length  # the wrapper's 10 tokens push answers into a second canvas
+    right, replies = answer_held_out(tok, tasks.as_json, room, answer)
+    for reply in replies:
+        jsonschema.validate(json.loads(reply), ANSWER_SCHEMA)
+        assert set(json.loads(reply)) == {"answer"}, reply
     assert all(right[t] >= 3 for t in tasks.SINGLE) and sum(right.values()) >= 28, right
 
 

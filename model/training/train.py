@@ -1,6 +1,8 @@
 """Train the embedded default model: a small DiffusionGemma on the project's own tasks and English.
 
-    python -m model.training.train --out runs/embedded --seed 1 --compile   (the shipped recipe: 8500 steps, 66 min)
+    python -m model.training.train --out runs/base --seed 1 --compile   (the base run: 8500 steps, 66 min)
+
+The shipped weights are that base run fine-tuned twice on JSON answers (`--init`, docs/embedded-model.md).
 
 `--out` has no default, so a run never overwrites the shipped checkpoint (model/embedded) unless asked to.
 
